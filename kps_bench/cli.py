@@ -1,0 +1,209 @@
+"""The ``kps-bench`` command line: parses options and calls library functions.
+
+Exit codes: 0 success, 2 user error (bad flag, bad protocol, missing file), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+DEFAULT_PROTOCOL = "shapes-world"
+
+
+class KpsGroup(click.Group):
+    """Turns UserError into a one-paragraph message and exit 2; other errors exit 1 (traceback with --verbose)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if ctx.meta.get("kps_verbose"):
+                raise
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the top-level handler of the CLI
+            if ctx.meta.get("kps_verbose"):
+                raise
+            click.echo(f"Internal error: {type(e).__name__}: {e}\nRe-run with --verbose for the traceback, and "
+                       f"report it if it persists.", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=KpsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="kps-bench")
+@click.pass_context
+def main(ctx, verbose):
+    """kps-bench: did your adapter learn the concept without wrecking the base model?
+
+    Generates images from a base text-to-image model with and without an adapter and scores
+    them: KPS, identity, preservation, CLIP-I, CLIP-T, DINO and intra-class diversity.
+    """
+    ctx.meta["kps_verbose"] = verbose
+    _quiet_libraries(verbose)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Hide the libraries' own loading bars and info logs; kps-bench shows its own progress."""
+    import os
+
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _protocol(name, sets):
+    from .protocol import load_protocol
+
+    return load_protocol(name, tuple(sets))
+
+
+SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set subjects.0.trigger=zwx (repeatable)."
+
+
+@main.command()
+@click.option("--protocol", "protocol_name", default=DEFAULT_PROTOCOL, show_default=True,
+              help="Protocol name (see `kps-bench protocols list`) or path to a protocol YAML file.")
+@click.option("--base", help="Base model to use instead of the protocol's base_model (hub id or diffusers folder).")
+@click.option("--adapter", type=click.Path(), help="Adapter: a trainer's output folder, a LoRA or learned-embeds "
+              ".safetensors file, or a fine-tuned diffusers pipeline folder.")
+@click.option("--adapter-kind", type=click.Choice(["auto", "lora", "textual-inversion", "pipeline", "none"]),
+              default="auto", show_default=True, help="How to load --adapter; auto detects it from the files.")
+@click.option("--subject", "subjects", multiple=True, help="Evaluate only this subject (repeatable). Defaults to "
+              "the adapter's training subject, or every subject when there is no adapter.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="Run directory to write (images/, images.jsonl, embeddings.safetensors, results.json). "
+                   "Re-running into the same folder reuses the images already made.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Override generation.dtype.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per generation call (overrides "
+              "generation.batch_size; lower it on out-of-memory). Images do not depend on it.")
+@click.option("--label", help="Method name for leaderboards when the adapter has no training.json.")
+@click.option("--allow-unsafe-pickle", is_flag=True, help="Allow loading pickle checkpoints (.bin/.pt/.ckpt). "
+              "Only for files you trust: pickle can run code.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype, batch_size, label,
+        allow_unsafe_pickle, sets):
+    """Generate base and adapter images for a protocol and score them."""
+    from .run import RunOptions, run_benchmark
+
+    sets = list(sets) + ([f"base_model={base}"] if base else []) + ([f"generation.dtype={dtype}"] if dtype else [])
+    protocol = _protocol(protocol_name, sets)
+    results = run_benchmark(protocol, RunOptions(
+        out=Path(out), adapter=adapter, adapter_kind=adapter_kind, subjects=tuple(subjects), device=device,
+        batch_size=batch_size, allow_unsafe_pickle=allow_unsafe_pickle, label=label, overrides=tuple(sets)))
+    _print_summary(results, out)
+
+
+@main.command()
+@click.option("--manifest", required=True, type=click.Path(), help="images.jsonl listing the images to score "
+              "(same format as a run directory's; paths relative to the manifest's folder).")
+@click.option("--protocol", "protocol_name", default=DEFAULT_PROTOCOL, show_default=True,
+              help="Protocol giving the encoders, subjects (and their references) and metrics.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for images.jsonl, "
+              "embeddings.safetensors and results.json.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def score(manifest, protocol_name, out, device, sets):
+    """Score images that already exist on disk (made by any tool)."""
+    from .run import score_manifest
+
+    protocol = _protocol(protocol_name, sets)
+    results = score_manifest(protocol, Path(manifest), Path(out), device)
+    _print_summary(results, out)
+
+
+def _print_summary(results: dict, out) -> None:
+    """Metrics as rows, subjects as columns: value [95% CI]."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [k for k in ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio",
+                         "vendi_ratio") if k in results["overall"]]
+    columns = list(results["metrics"].items()) + [("overall", results["overall"])]
+    table = Table(title=f"kps-bench results (kps_version {results['kps_version']})")
+    table.add_column("metric")
+    for subject, _ in columns:
+        table.add_column(subject, justify="right")
+    for n in names:
+        table.add_row(n, *[f"{m[n]['value']:.4f} [{m[n]['ci_low']:.3f}, {m[n]['ci_high']:.3f}]" for _, m in columns])
+    Console().print(table)
+    counts = results["counts"]
+    click.echo(f"images: {counts['reference']} reference, {counts['base']} base, {counts['adapter']} adapter; "
+               f"{counts['flagged']} flagged (NaN/black). Written to {out}/results.json")
+
+
+@main.group()
+def protocols():
+    """List, show and validate protocol files."""
+
+
+@protocols.command("list")
+def protocols_list():
+    """Protocols found in $KPS_BENCH_PROTOCOLS, ./protocols and the package's protocols/."""
+    from .protocol import list_protocols
+
+    for name, path in sorted(list_protocols().items()):
+        click.echo(f"{name}\t{path}")
+
+
+@protocols.command("show")
+@click.argument("name")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def protocols_show(name, sets):
+    """Print the effective protocol (after --set) as YAML, with its sha256."""
+    import yaml
+
+    p = _protocol(name, sets)
+    click.echo(yaml.safe_dump(p.to_dict(), sort_keys=False).rstrip())
+    click.echo(f"# sha256: {p.sha256}")
+
+
+@protocols.command("validate")
+@click.argument("path")
+def protocols_validate(path):
+    """Check a protocol file, including that every subject's references folder holds images."""
+    from .run import reference_images
+
+    p = _protocol(path, ())
+    for s in p.subjects:
+        reference_images(p, s)
+    click.echo(f"OK: {path} (protocol {p.name} v{p.version}, {len(p.subjects)} subjects, {len(p.prompts)} prompts, "
+               f"sha256 {p.sha256[:16]})")
+
+
+@main.command("tiny-models")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tiny models to.")
+def tiny_models(out):
+    """Write tiny random models and a protocol that uses them (for trying the plumbing; numbers are noise)."""
+    from .tiny import build_all
+
+    path = build_all(out)
+    click.echo(f"Wrote tiny models and protocol {path}. Try:\n  kps-bench run --protocol {path} --adapter "
+               f"{Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
+
+
+def _register_optional():
+    """Commands of the world, trainers and leaderboard, when those modules are present."""
+    import importlib
+
+    for module, attr in (("kps_bench.world.cli", "world"),):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        main.add_command(getattr(mod, attr))
+
+
+_register_optional()

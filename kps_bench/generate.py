@@ -1,0 +1,181 @@
+"""Seed-paired image generation with a content-addressed, resumable image cache.
+
+Every image has its own ``torch.Generator`` (on the CPU, so latents do not depend on the device
+or on the batch it is made in), and a cache key: the sha256 of the model identity, adapter file
+hashes, prompt, seed and generation settings. An image whose PNG already exists is never made
+again, and each PNG is written to a temporary name and renamed, so a run interrupted at any point
+resumes without losing, duplicating or half-writing an image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .protocol import Generation, Protocol, Subject, canonical_json, derive_seed, expand_prompt
+from .rundir import ImageRecord, atomic_path, sha256_file
+
+FLAG_KEY = "kps_flags"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make (or find in the cache)."""
+
+    key: str
+    role: str  # "base" or "adapter"
+    subject: str
+    prompt: str
+    prompt_without_trigger: str
+    has_trigger: bool
+    seed: int
+    prompt_index: int
+    image_index: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.key}.png"
+
+    @property
+    def id(self) -> str:
+        kind = "trigger" if self.has_trigger else "free"
+        return f"{self.subject}:{self.role}:{kind}:p{self.prompt_index}:k{self.image_index}"
+
+
+def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Generation, device_type: str) -> str:
+    """Content address of one image: everything that determines its pixels."""
+    material = {
+        "model": {k: model.get(k) for k in ("sha256", "hub_id", "revision")},
+        "adapter": adapter,
+        "prompt": prompt,
+        "negative_prompt": gen.negative_prompt,
+        "seed": seed,
+        "scheduler": gen.scheduler,
+        "steps": gen.steps,
+        "guidance_scale": gen.guidance_scale,
+        "resolution": gen.resolution,
+        "dtype": gen.dtype,
+        "device": device_type,
+    }
+    return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:32]
+
+
+def plan_jobs(protocol: Protocol, subjects: list[Subject], model: dict, adapter: dict | None,
+              device_type: str) -> list[Job]:
+    """Base images on trigger-free prompts, and adapter images on trigger-free and trigger prompts, seed-paired."""
+    g = protocol.generation
+    jobs = []
+    for s in subjects:
+        for p, template in enumerate(protocol.prompts):
+            free = expand_prompt(template, s, with_trigger=False)
+            trig = expand_prompt(template, s, with_trigger=True)
+            for k in range(g.images_per_prompt):
+                seed = derive_seed(g.seed, p, k)
+                for role, prompt, has_trigger, adapter_id in (
+                    ("base", free, False, None),
+                    ("adapter", free, False, adapter),
+                    ("adapter", trig, True, adapter),
+                ):
+                    key = cache_key(model, adapter_id, prompt, seed, g, device_type)
+                    jobs.append(Job(key, role, s.name, prompt, free, has_trigger, seed, p, k))
+    return jobs
+
+
+def image_flags(pixels) -> list[str]:
+    """Flags of a generated image ``[H, W, 3]`` float array in [0, 1]: ``nan`` and/or ``black``."""
+    import numpy as np
+
+    flags = []
+    if not np.isfinite(pixels).all():
+        flags.append("nan")
+    if np.nan_to_num(pixels, nan=0.0).max() < 1.0 / 255.0:
+        flags.append("black")
+    return flags
+
+
+def save_png(pixels, path: Path, flags: list[str], info: dict) -> None:
+    """Quantise ``[H, W, 3]`` floats in [0, 1] to 8-bit and write atomically, flags in the PNG text chunk."""
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    arr = (np.nan_to_num(pixels, nan=0.0).clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(FLAG_KEY, ",".join(flags))
+    for k, v in info.items():
+        meta.add_text(k, str(v))
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta)
+
+
+def read_flags(path: Path) -> list[str]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.text.get(FLAG_KEY, "") if hasattr(im, "text") else ""
+    return [f for f in text.split(",") if f]
+
+
+@contextlib.contextmanager
+def oom_guard(what: str, batch_size: int, flag: str):
+    """Turn a GPU out-of-memory error into a user error that names the knob to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(f"GPU out of memory while {what} at batch size {batch_size}. Lower it with {flag} "
+                        f"(e.g. {max(1, batch_size // 2)}), or use --dtype float16.") from None
+
+
+def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
+    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made."""
+    import torch
+
+    pending, seen = [], set()
+    for j in jobs:
+        if j.key not in seen and not (image_dir / j.filename).is_file():
+            seen.add(j.key)
+            pending.append(j)
+    made = 0
+    for i in range(0, len(pending), batch_size):
+        batch = pending[i : i + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+        with oom_guard("generating images", batch_size, "--batch-size"), torch.inference_mode():
+            out = pipe(
+                prompt=[j.prompt for j in batch],
+                negative_prompt=[gen.negative_prompt] * len(batch) if gen.negative_prompt else None,
+                num_inference_steps=gen.steps,
+                guidance_scale=gen.guidance_scale,
+                height=gen.resolution,
+                width=gen.resolution,
+                generator=generators,
+                output_type="np",
+            ).images
+        for j, pixels in zip(batch, out):
+            save_png(pixels, image_dir / j.filename, image_flags(pixels),
+                     {"prompt": j.prompt, "seed": j.seed, "role": j.role})
+            made += 1
+        if progress is not None:
+            progress(len(batch))
+    return made
+
+
+def job_records(jobs: list[Job], image_dir: Path, run_dir: Path) -> list[ImageRecord]:
+    """Manifest rows for generated images (all PNGs must exist)."""
+    rows, flags_cache, sha_cache = [], {}, {}
+    for j in jobs:
+        path = image_dir / j.filename
+        if j.key not in sha_cache:
+            sha_cache[j.key] = sha256_file(path)
+            flags_cache[j.key] = read_flags(path)
+        rows.append(ImageRecord(
+            id=j.id, path=os.path.relpath(path, run_dir), role=j.role, subject=j.subject, prompt=j.prompt,
+            prompt_without_trigger=j.prompt_without_trigger, has_trigger=j.has_trigger, seed=j.seed,
+            prompt_index=j.prompt_index, image_index=j.image_index, sha256=sha_cache[j.key],
+            flags=list(flags_cache[j.key]),
+        ))
+    return rows

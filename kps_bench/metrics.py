@@ -1,0 +1,106 @@
+"""Metric math: pure functions on embedding tensors (no models, no files).
+
+All image/text embeddings are L2-normalised rows, shape ``[n, d]``. Cosines are computed in float64
+as ``1 - ||a - b||^2 / 2`` (equal to ``a.b`` for unit vectors), which makes identical embeddings
+give a cosine of exactly 1.
+
+Definitions (per subject; see README "Metrics"):
+
+- ``clip_t``       = mean over trigger images of cos(E_clip(image), T_clip(trigger-free prompt))
+- ``clip_i``       = mean over (trigger image, reference) pairs of cos(E_clip, E_clip)
+- ``dino``         = the same pairs with E_dino
+- ``identity``     = mean over the same pairs of (1 + cos_clip) / 2
+- ``preservation`` = mean over seed-paired (base, adapter) trigger-free images of (1 + cos_clip) / 2
+- ``kps``          = 2 * identity * preservation / (identity + preservation)
+- ``diversity``    = mean over trigger-free prompts of the mean pairwise cosine distance (1 - cos,
+  distinct pairs only) of the DINO embeddings of that prompt's images
+- ``vendi``        = mean over trigger-free prompts of exp(entropy of the eigenvalues of K / n), K = cosine kernel
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _unit64(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float64)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All-pairs cosine, ``[n, d] x [m, d] -> [n, m]`` float64."""
+    a, b = _unit64(a), _unit64(b)
+    sq = (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+    return (1.0 - sq / 2.0).clamp(-1.0, 1.0)
+
+
+def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of seed-paired rows, ``[n, d] x [n, d] -> [n]`` float64."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired_cosine needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = _unit64(a), _unit64(b)
+    return (1.0 - (a - b).pow(2).sum(-1) / 2.0).clamp(-1.0, 1.0)
+
+
+def similarity01(cos: torch.Tensor) -> torch.Tensor:
+    """CLIP similarity mapped to [0, 1]: (1 + cos) / 2."""
+    return (1.0 + cos) / 2.0
+
+
+def harmonic_mean(a, b):
+    """2ab / (a + b); 0 where a + b == 0. Works on floats and tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+        s = a + b
+        return torch.where(s > 0, 2 * a * b / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    return 2 * a * b / (a + b) if (a + b) > 0 else 0.0
+
+
+def kps(identity, preservation):
+    """Knowledge Preservation Score (Park et al. 2024): harmonic mean of identity and preservation."""
+    return harmonic_mean(identity, preservation)
+
+
+def mean_pairwise_cosine_distance(emb: torch.Tensor) -> float:
+    """Intra-set diversity: mean of 1 - cos over the n(n-1)/2 distinct pairs (the diagonal is excluded)."""
+    n = emb.shape[0]
+    if n < 2:
+        raise ValueError("diversity needs at least 2 images")
+    d = 1.0 - cosine_matrix(emb, emb)
+    iu = torch.triu_indices(n, n, offset=1)
+    return float(d[iu[0], iu[1]].mean())
+
+
+def vendi_score(emb: torch.Tensor) -> float:
+    """Vendi score (Friedman & Dieng 2023): exp(-sum(l * log l)) over the eigenvalues l of K/n, K[i,j] = cos."""
+    n = emb.shape[0]
+    k = cosine_matrix(emb, emb) / n
+    eig = torch.linalg.eigvalsh(k).clamp(min=0.0)
+    eig = eig[eig > 1e-12]
+    return float(torch.exp(-(eig * eig.log()).sum()))
+
+
+def bootstrap_weights(n_units: int, resamples: int, seed: int) -> torch.Tensor:
+    """Resampling counts ``[resamples, n_units]`` (float64): how often each unit (prompt) is drawn."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n_units, (resamples, n_units), generator=g)
+    w = torch.zeros(resamples, n_units, dtype=torch.float64)
+    w.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    return w
+
+
+def weighted_ratio(sums: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pooled mean of per-unit ``sums / counts`` under unit ``weights [..., n_units]``: sum(w*s) / sum(w*c)."""
+    num = (weights * sums.to(torch.float64)).sum(-1)
+    den = (weights * counts.to(torch.float64)).sum(-1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
+
+
+def percentile_interval(samples: torch.Tensor, confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``samples [resamples]`` ignoring NaNs."""
+    s = samples[~torch.isnan(samples)]
+    if s.numel() == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - confidence) / 2.0
+    q = torch.quantile(s, torch.tensor([alpha, 1.0 - alpha], dtype=s.dtype))
+    return float(q[0]), float(q[1])

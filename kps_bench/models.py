@@ -1,0 +1,344 @@
+"""Loading base pipelines and adapters (LoRA, textual inversion, fine-tuned pipelines) safely.
+
+Base models are a hub id (``runwayml/stable-diffusion-v1-5``), a local diffusers folder, or
+``builtin:NAME``. Only safetensors weights are read unless the user passes ``allow_unsafe_pickle``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .rundir import sha256_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+ADAPTER_KINDS = ("auto", "lora", "textual-inversion", "pipeline", "none")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TI_FILE = "learned_embeds.safetensors"
+ADAPTER_NAME = "kps"
+
+SCHEDULER_CLASSES = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {}),
+    "dpm-solver-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    return device
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) for the process (SD checkpoints are GBs)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = sha256_file(path)
+    return _HASH_CACHE[key]
+
+
+def folder_weight_hashes(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every weight and config file under a model folder, keyed by relative path."""
+    folder = Path(folder)
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix in (".json", ".txt")) and ".cache" not in p.parts:
+            out[str(p.relative_to(folder))] = file_sha256(p)
+    return out
+
+
+def combined_hash(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def model_identity(spec: str, resolved: str, loaded_from: str | None = None) -> dict:
+    """What pins a model: a local folder's content hash, or a hub id with its resolved commit."""
+    p = Path(resolved)
+    if p.exists():
+        hashes = folder_weight_hashes(p) if p.is_dir() else {p.name: file_sha256(p)}
+        return {"spec": spec, "path": str(p.resolve()), "sha256": combined_hash(hashes), "files": hashes}
+    revision = None
+    if loaded_from:
+        m = re.search(r"snapshots[/\\]([0-9a-f]{40})", loaded_from)
+        revision = m.group(1) if m else None
+    return {"spec": spec, "hub_id": resolved, "revision": revision}
+
+
+# ----------------------------------------------------------------------------- safety
+
+
+def refuse_pickle(path: Path, allow_unsafe_pickle: bool, what: str) -> None:
+    if path.suffix in PICKLE_SUFFIXES and not allow_unsafe_pickle:
+        raise UserError(
+            f"{what} '{path}' is a pickle file ({path.suffix}). Loading pickle can run arbitrary code, so kps-bench "
+            f"only reads .safetensors by default. Convert it to safetensors, or pass --allow-unsafe-pickle if you "
+            f"trust its source."
+        )
+
+
+def check_safetensors(path: Path, what: str) -> list[str]:
+    """The keys of a safetensors file; a clear error if it is missing or corrupt."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{what} '{path}' is not a valid safetensors file ({e}). It may be truncated or corrupt: "
+                        f"re-download or re-save it.") from None
+
+
+def _check_folder_is_safe(folder: Path, allow_unsafe_pickle: bool, what: str) -> bool:
+    """True when the folder has safetensors weights; refuses a pickle-only folder without the flag."""
+    weights = [p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    has_safe = any(p.suffix == ".safetensors" for p in weights)
+    if weights and not has_safe and not allow_unsafe_pickle:
+        refuse_pickle(next(p for p in weights if p.suffix in PICKLE_SUFFIXES), False, what)
+    for p in weights:
+        if p.suffix == ".safetensors":
+            check_safetensors(p, what)
+    return has_safe
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@dataclass
+class LoadedModel:
+    pipe: object
+    identity: dict
+
+
+def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: str,
+                  allow_unsafe_pickle: bool = False) -> LoadedModel:
+    """Load a text-to-image diffusers pipeline (SD 1.x/2.x/XL) on ``device`` with the protocol's scheduler."""
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    p = Path(resolved)
+    local = p.exists()
+    if local:
+        if not (p / "model_index.json").is_file():
+            raise UserError(f"Base model '{spec}' resolves to '{p}', which is not a diffusers pipeline folder "
+                            f"(no model_index.json). Give a folder saved with `pipeline.save_pretrained()` or a hub id.")
+        use_safe = _check_folder_is_safe(p, allow_unsafe_pickle, "Base model weights")
+    else:
+        use_safe = not allow_unsafe_pickle
+    kwargs = {"dtype": torch_dtype(dtype), "safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(resolved, use_safetensors=use_safe or None, **kwargs)
+    except OSError as e:
+        if local:
+            raise UserError(f"Cannot load the diffusers pipeline in '{p}': {e}") from None
+        raise UserError(f"Cannot load base model '{resolved}': it is not a local folder and could not be fetched "
+                        f"from the hub ({str(e).splitlines()[0]}). Check the id, or download it and pass the folder.") from None
+    set_scheduler(pipe, scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    loaded_from = getattr(pipe.unet.config, "_name_or_path", None) if hasattr(pipe, "unet") else None
+    return LoadedModel(pipe, model_identity(spec, resolved, loaded_from))
+
+
+def set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    cls_name, extra = SCHEDULER_CLASSES[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class AdapterInfo:
+    """What was applied on top of the base: kind, the adapter's files and their sha256, and training metadata."""
+
+    kind: str
+    path: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    training: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "files": self.files, "training": self.training}
+
+
+def detect_adapter_kind(path: Path) -> str:
+    """Guess the kind from the files: model_index.json -> pipeline, LoRA / learned-embeds files, or keys."""
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return "pipeline"
+        for kind, stem in (("lora", "pytorch_lora_weights"), ("textual-inversion", "learned_embeds")):
+            if any((path / f"{stem}{suf}").is_file() for suf in WEIGHT_SUFFIXES):
+                return kind
+        raise UserError(f"Cannot tell what adapter '{path}' is: it has no model_index.json (pipeline), "
+                        f"{LORA_FILE} (LoRA) or {TI_FILE} (textual inversion). Pass --adapter-kind.")
+    if path.suffix == ".safetensors":
+        keys = check_safetensors(path, "Adapter file")
+        return "lora" if any("lora" in k for k in keys) else "textual-inversion"
+    if "lora" in path.name:
+        return "lora"
+    return "textual-inversion"
+
+
+def adapter_file(path: Path, kind: str, allow_unsafe_pickle: bool) -> Path:
+    """The weight file of a LoRA or textual-inversion adapter given as a folder or a file."""
+    if path.is_dir():
+        stem = "pytorch_lora_weights" if kind == "lora" else "learned_embeds"
+        found = [path / f"{stem}{suf}" for suf in WEIGHT_SUFFIXES if (path / f"{stem}{suf}").is_file()]
+        if not found:
+            raise UserError(f"Adapter folder '{path}' has no {stem}.safetensors for --adapter-kind {kind}.")
+        path = found[0]
+    refuse_pickle(path, allow_unsafe_pickle, "Adapter file")
+    if path.suffix == ".safetensors":
+        check_safetensors(path, "Adapter file")
+    return path
+
+
+def read_training_json(path: Path) -> dict | None:
+    """The trainer's ``training.json`` next to an adapter (method, subject, recipe), if any."""
+    folder = path if path.is_dir() else path.parent
+    f = folder / "training.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"'{f}' is not valid JSON ({e.msg}); re-run the trainer or delete the file.") from None
+
+
+def resolve_adapter(adapter: str | None, kind: str, allow_unsafe_pickle: bool) -> AdapterInfo:
+    """Validate the adapter path and kind before any model is loaded."""
+    if kind not in ADAPTER_KINDS:
+        raise UserError(f"--adapter-kind must be one of {', '.join(ADAPTER_KINDS)}, got '{kind}'.")
+    if adapter is None:
+        if kind not in ("auto", "none"):
+            raise UserError(f"--adapter-kind {kind} needs --adapter PATH.")
+        return AdapterInfo("none")
+    if kind == "none":
+        raise UserError("--adapter was given together with --adapter-kind none; drop one of them.")
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise UserError(f"Adapter path '{adapter}' does not exist. Give the folder written by the trainer "
+                        f"(or a LoRA / learned-embeds .safetensors file, or a pipeline folder).")
+    if kind == "auto":
+        kind = detect_adapter_kind(path)
+    if kind == "pipeline":
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"--adapter-kind pipeline needs a diffusers pipeline folder; '{path}' has no model_index.json.")
+        _check_folder_is_safe(path, allow_unsafe_pickle, "Adapter pipeline weights")
+        files = folder_weight_hashes(path)
+    else:
+        f = adapter_file(path, kind, allow_unsafe_pickle)
+        files = {f.name: file_sha256(f)}
+        path = f
+    return AdapterInfo(kind, str(path), files, read_training_json(path))
+
+
+def apply_adapter(loaded: LoadedModel, info: AdapterInfo, triggers: list[str], device: str, dtype: str,
+                  scheduler: str, allow_unsafe_pickle: bool = False) -> object:
+    """The pipeline that makes adapter images: the base with the adapter loaded, or the fine-tuned pipeline."""
+    if info.kind == "none":
+        return loaded.pipe
+    if info.kind == "pipeline":
+        return load_pipeline(info.path, info.path, device, dtype, scheduler, allow_unsafe_pickle).pipe
+    pipe = loaded.pipe
+    if info.kind == "lora":
+        load_lora_checked(pipe, Path(info.path))
+    elif info.kind == "textual-inversion":
+        load_textual_inversion_checked(pipe, Path(info.path), triggers)
+    return pipe
+
+
+def lora_module_names(keys: list[str]) -> set[str]:
+    """The module each LoRA tensor belongs to (diffusers/peft ``lora_A``/``lora_B`` and older ``lora.down`` keys)."""
+    pattern = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_magnitude_vector)(\.[^.]+)*\.(weight|bias)$|\.alpha$")
+    return {pattern.sub("", k) for k in keys if "lora" in k or k.endswith(".alpha")}
+
+
+def count_lora_layers(pipe, adapter_name: str = ADAPTER_NAME) -> int:
+    """How many modules of the pipeline's UNet/transformer and text encoders carry ``adapter_name``."""
+    n = 0
+    for comp in pipe.components.values():
+        if not hasattr(comp, "named_modules"):
+            continue
+        for _, m in comp.named_modules():
+            lora_a = getattr(m, "lora_A", None)
+            if lora_a is not None and hasattr(lora_a, "keys") and adapter_name in lora_a.keys():
+                n += 1
+    return n
+
+
+def load_lora_checked(pipe, file: Path) -> int:
+    """Load a diffusers-format LoRA; fail if none of its modules matched the base (the silent "no effect" LoRA)."""
+    keys = check_safetensors(file, "LoRA file")
+    expected = len(lora_module_names(keys))
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER_NAME)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"LoRA '{file}' could not be loaded into the base model: {e}. It was probably trained on a "
+                        f"different base architecture; check base_model.") from None
+    matched = count_lora_layers(pipe)
+    if matched == 0:
+        raise UserError(f"LoRA '{file}' matched 0 of its {expected} modules in the base model, so it would have no "
+                        f"effect. Its keys (e.g. '{keys[0]}') name modules the base does not have: it was trained "
+                        f"for another architecture or saved in an unsupported format; re-save it with "
+                        f"diffusers' save_lora_weights for this base.")
+    if matched < expected:
+        import warnings
+
+        warnings.warn(f"LoRA '{file}': only {matched} of its {expected} modules matched the base model.")
+    return matched
+
+
+def load_textual_inversion_checked(pipe, file: Path, triggers: list[str]) -> None:
+    """Load learned embeddings under each subject's trigger; the trigger must not already be a token."""
+    from safetensors.torch import load_file
+
+    tokenizer = pipe.tokenizer
+    for trigger in triggers:
+        if trigger in tokenizer.get_vocab():
+            raise UserError(f"Textual-inversion token '{trigger}' already exists in the base model's tokenizer, so "
+                            f"its learned embedding would be ignored. Choose a trigger that is not a token "
+                            f"(e.g. '<{trigger}>') in the protocol's subjects.trigger.")
+    state = load_file(str(file))
+    if len(triggers) != 1:
+        raise UserError(f"Textual-inversion file '{file}' holds one concept; evaluate it for one subject with --subject NAME.")
+    try:
+        pipe.load_textual_inversion(state, token=triggers[0])
+    except ValueError as e:
+        raise UserError(f"Textual-inversion file '{file}' could not be loaded: {e}") from None

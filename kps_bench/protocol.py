@@ -1,0 +1,372 @@
+"""Protocols: versioned YAML files that fully determine an evaluation.
+
+A protocol is loaded, overridden with ``--set dotted.key=value`` pairs, validated against the
+schema below and hashed; the effective protocol (after overrides) is what results record.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+ALL_METRICS = ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity", "vendi")
+SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler-a", "heun", "dpm-solver", "dpm-solver-sde", "unipc")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How images are sampled. ``resolution`` in pixels; image k of prompt p uses seed ``derive_seed(seed, p, k)``."""
+
+    scheduler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int = 512
+    images_per_prompt: int = 4
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str = "float32"
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """open_clip model: ``arch`` is a model name or a model-config JSON path; ``weights`` a pretrained tag or a file."""
+
+    arch: str = "ViT-B-32"
+    weights: str = "openai"
+
+
+@dataclass(frozen=True)
+class DinoSpec:
+    """DINO ViT: a hub id or a local transformers model folder."""
+
+    model: str = "facebook/dino-vits16"
+
+
+@dataclass(frozen=True)
+class Encoders:
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    dino: DinoSpec = field(default_factory=DinoSpec)
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A personal concept: ``references`` is a folder of its real images; prompts say ``<trigger> <class_noun>``."""
+
+    name: str
+    class_noun: str
+    trigger: str
+    references: str
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """95% bootstrap confidence intervals over prompts, with a fixed seed."""
+
+    resamples: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    version: str
+    base_model: str
+    subjects: tuple[Subject, ...]
+    prompts: tuple[str, ...]
+    generation: Generation = field(default_factory=Generation)
+    encoders: Encoders = field(default_factory=Encoders)
+    metrics: tuple[str, ...] = ALL_METRICS
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    description: str = ""
+    #: Extra free-form sections (e.g. ``training`` overrides read by the trainers); validated by their users.
+    training: dict = field(default_factory=dict)
+    #: Folder of the protocol file, against which relative paths in it are resolved.
+    source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict:
+        """The effective protocol as plain data (what is hashed and recorded)."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()
+
+    def subject(self, name: str) -> Subject:
+        for s in self.subjects:
+            if s.name == name:
+                return s
+        raise UserError(
+            f"Unknown subject '{name}' in protocol '{self.name}'. Known subjects: "
+            f"{', '.join(s.name for s in self.subjects)}."
+        )
+
+    def resolve(self, spec: str, default_sub: str = "") -> str:
+        """A path in the protocol, resolved: ``builtin:WORLD/sub`` -> shipped file, relative -> next to the file.
+
+        Hub ids (``org/name``) and open_clip tags that do not exist as local paths are returned unchanged.
+        """
+        return resolve_spec(spec, self.source, default_sub)
+
+
+def resolve_spec(spec: str, base_dir: str = "", default_sub: str = "") -> str:
+    if spec.startswith("builtin:"):
+        from .world import resolve_builtin
+
+        return str(resolve_builtin(spec, default_sub))
+    p = Path(os.path.expanduser(spec))
+    if not p.is_absolute() and base_dir:
+        candidate = Path(base_dir) / p
+        if candidate.exists():
+            return str(candidate)
+    return str(p) if p.exists() else spec
+
+
+def expand_prompt(template: str, subject: Subject, with_trigger: bool) -> str:
+    """``{subject}`` -> ``"<trigger> <class_noun>"`` (or the class noun alone), ``{class_noun}`` -> class noun."""
+    who = f"{subject.trigger} {subject.class_noun}" if with_trigger else subject.class_noun
+    return template.replace("{subject}", who).replace("{class_noun}", subject.class_noun)
+
+
+def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """Seed of image ``image_index`` of prompt ``prompt_index``: a 63-bit hash of the three integers."""
+    digest = hashlib.sha256(f"kps-bench/{seed}/{prompt_index}/{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def protocol_dirs() -> list[Path]:
+    """Where protocol names are looked up: $KPS_BENCH_PROTOCOLS, ./protocols, the repository's protocols/."""
+    dirs = []
+    if os.environ.get("KPS_BENCH_PROTOCOLS"):
+        dirs += [Path(p) for p in os.environ["KPS_BENCH_PROTOCOLS"].split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "protocols")
+    dirs.append(Path(__file__).resolve().parent.parent / "protocols")
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen and d.is_dir():
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def list_protocols() -> dict[str, Path]:
+    """Protocol name -> file, over :func:`protocol_dirs` (earlier folders win)."""
+    found: dict[str, Path] = {}
+    for d in protocol_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def find_protocol(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path or p.exists():
+        if not p.is_file():
+            raise UserError(f"Protocol file '{name_or_path}' does not exist. Give a path to a YAML file or a protocol name "
+                            f"(see `kps-bench protocols list`).")
+        return p
+    known = list_protocols()
+    if name_or_path not in known:
+        raise UserError(f"Unknown protocol '{name_or_path}'. Known protocols: {', '.join(sorted(known)) or 'none'}; "
+                        f"or give the path to a protocol YAML file.")
+    return known[name_or_path]
+
+
+def load_protocol(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Protocol:
+    """Load, override (``dotted.key=value``), validate. Every error names the file, the field and what was expected."""
+    path = find_protocol(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"Cannot read protocol file '{path}': {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"Protocol file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"Protocol file '{path}' must hold a mapping of fields (name, version, base_model, ...), "
+                        f"got {type(raw).__name__}.")
+    raw = apply_overrides(raw, overrides, str(path))
+    return protocol_from_dict(raw, str(path))
+
+
+def apply_overrides(raw: dict, overrides, where: str) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML; list items by index, e.g. ``subjects.0.trigger=zwx``)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set '{item}' must look like dotted.key=value, e.g. --set generation.steps=25.")
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node: Any = raw
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {key}: '{part}' is not an index of the list at "
+                                    f"'{'.'.join(parts[:i])}' in {where} (it has {len(node)} items).")
+                idx = int(part)
+                if last:
+                    node[idx] = parsed
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = parsed
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise UserError(f"--set {key}: '{'.'.join(parts[:i])}' in {where} is a value, not a section.")
+    return raw
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
+
+
+def _check_scalar(value, t, path: str, where: str):
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. version: 1.0
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise UserError(f"{where}: field '{path}' must be {_type_name(t)}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _build(cls, data, path: str, where: str):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown fields and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: field '{path or '<top level>'}' must be a mapping, got {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown field '{_join(path, unknown[0])}'. Allowed fields here: "
+                        f"{', '.join(fields)}.")
+    kwargs = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, f in fields.items():
+        fp = _join(path, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{where}: missing required field '{fp}'.")
+            continue
+        value = data[name]
+        sub = _NESTED.get((cls, name))
+        if sub is not None:
+            kwargs[name] = _build(sub, value, fp, where)
+        else:
+            kwargs[name] = _check_scalar(value, _SCALARS[hints[name]], fp, where) if hints[name] in _SCALARS else value
+    return cls(**kwargs)
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
+    raw = dict(raw)
+    subjects_raw = raw.pop("subjects", None)
+    prompts_raw = raw.pop("prompts", None)
+    metrics_raw = raw.pop("metrics", list(ALL_METRICS))
+    training_raw = raw.pop("training", {}) or {}
+    if subjects_raw is None:
+        raise UserError(f"{where}: missing required field 'subjects' (a list of {{name, class_noun, trigger, references}}).")
+    if not isinstance(subjects_raw, list) or not subjects_raw:
+        raise UserError(f"{where}: field 'subjects' must be a non-empty list of {{name, class_noun, trigger, references}}.")
+    subjects = tuple(_build(Subject, s, f"subjects.{i}", where) for i, s in enumerate(subjects_raw))
+    names = [s.name for s in subjects]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UserError(f"{where}: subject names must be unique; '{sorted(dup)[0]}' appears more than once in 'subjects'.")
+    for i, s in enumerate(subjects):
+        for fname in ("name", "class_noun", "trigger", "references"):
+            if not getattr(s, fname).strip():
+                raise UserError(f"{where}: field 'subjects.{i}.{fname}' must be a non-empty string.")
+    if prompts_raw is None:
+        raise UserError(f"{where}: missing required field 'prompts' (a list of templates using {{subject}}).")
+    if not isinstance(prompts_raw, list) or not prompts_raw:
+        raise UserError(f"{where}: field 'prompts' must be a non-empty list of templates such as \"a photo of a {{subject}}\".")
+    for i, p in enumerate(prompts_raw):
+        if not isinstance(p, str) or "{subject}" not in p:
+            raise UserError(f"{where}: field 'prompts.{i}' must be a string containing '{{subject}}', got {p!r}.")
+    if not isinstance(metrics_raw, list) or not all(isinstance(m, str) for m in metrics_raw):
+        raise UserError(f"{where}: field 'metrics' must be a list of metric names from: {', '.join(ALL_METRICS)}.")
+    bad = [m for m in metrics_raw if m not in ALL_METRICS]
+    if bad:
+        raise UserError(f"{where}: field 'metrics' has unknown metric '{bad[0]}'; expected names from: {', '.join(ALL_METRICS)}.")
+    if not isinstance(training_raw, dict):
+        raise UserError(f"{where}: field 'training' must be a mapping of method -> recipe overrides.")
+    top = _build(_Top, raw, "", where)
+    g = top.generation
+    _require(g.scheduler in SCHEDULERS, where, "generation.scheduler", f"one of {', '.join(SCHEDULERS)}", g.scheduler)
+    _require(g.dtype in DTYPES, where, "generation.dtype", f"one of {', '.join(DTYPES)}", g.dtype)
+    for name in ("steps", "resolution", "images_per_prompt", "batch_size"):
+        _require(getattr(g, name) >= 1, where, f"generation.{name}", "an integer >= 1", getattr(g, name))
+    _require(g.resolution % 8 == 0, where, "generation.resolution", "a multiple of 8", g.resolution)
+    _require(g.guidance_scale >= 0, where, "generation.guidance_scale", "a number >= 0", g.guidance_scale)
+    _require(top.encoders.batch_size >= 1, where, "encoders.batch_size", "an integer >= 1", top.encoders.batch_size)
+    b = top.bootstrap
+    _require(b.resamples >= 1, where, "bootstrap.resamples", "an integer >= 1", b.resamples)
+    _require(0 < b.confidence < 1, where, "bootstrap.confidence", "a number between 0 and 1", b.confidence)
+    _require(bool(top.base_model.strip()), where, "base_model", "a hub id, a local diffusers folder or builtin:NAME", top.base_model)
+    return Protocol(
+        name=top.name, version=top.version, base_model=top.base_model, subjects=subjects,
+        prompts=tuple(prompts_raw), generation=g, encoders=top.encoders, metrics=tuple(metrics_raw),
+        bootstrap=b, description=top.description, training=training_raw,
+        source=str(Path(where).resolve().parent) if os.path.exists(where) else "",
+    )
+
+
+def _require(ok: bool, where: str, path: str, expected: str, got) -> None:
+    if not ok:
+        raise UserError(f"{where}: field '{path}' must be {expected}, got {got!r}.")
+
+
+@dataclass(frozen=True)
+class _Top:
+    """The scalar and nested top-level fields (subjects, prompts, metrics are validated by hand)."""
+
+    name: str
+    version: str
+    base_model: str
+    generation: Generation = field(default_factory=Generation)
+    encoders: Encoders = field(default_factory=Encoders)
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    description: str = ""
+
+
+_NESTED = {
+    (_Top, "generation"): Generation,
+    (_Top, "encoders"): Encoders,
+    (_Top, "bootstrap"): Bootstrap,
+    (Encoders, "clip"): ClipSpec,
+    (Encoders, "dino"): DinoSpec,
+}

@@ -1,0 +1,168 @@
+"""Tiny, randomly initialised models saved in their libraries' standard formats.
+
+``kps-bench tiny-models --out DIR`` writes a complete local setup (a diffusers pipeline, an
+open_clip checkpoint, a DINO ViT folder, reference images, a LoRA, a textual-inversion embedding
+and a protocol that points at them) so that ``kps-bench run`` and ``kps-bench score`` can be tried,
+and are tested, through exactly the code paths a real model takes. Images from these models are
+noise: only the plumbing is meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .tokenizer import save_clip_tokenizer
+
+HIDDEN = 32
+TINY_SUBJECTS = (
+    {"name": "red-block", "class_noun": "block", "trigger": "sks", "colour": (200, 40, 40)},
+    {"name": "blue-ball", "class_noun": "ball", "trigger": "zwx", "colour": (40, 60, 210)},
+)
+
+
+def build_pipeline(out: Path, seed: int = 0) -> Path:
+    """A Stable-Diffusion-shaped pipeline (CLIP text encoder, UNet, VAE, DDIM) at 32 px."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = save_clip_tokenizer(out / "_tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=HIDDEN))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline")
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return out / "pipeline"
+
+
+def build_open_clip(out: Path, seed: int = 0) -> Path:
+    """An open_clip CLIP from a small custom config, saved in the hub layout (config JSON + safetensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": HIDDEN,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    folder = out / "clip"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": cfg,
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}, indent=2))
+    torch.manual_seed(seed)
+    name = "kps-tiny-clip"
+    open_clip.factory._MODEL_CONFIGS[name] = cfg  # build from the dict without touching open_clip's config folder
+    model = open_clip.create_model(name)
+    del open_clip.factory._MODEL_CONFIGS[name]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def build_dino(out: Path, seed: int = 0) -> Path:
+    """A small transformers ViTModel with its image processor, like facebook/dino-vits16 at 32 px."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    folder = out / "dino"
+    model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(folder)
+    return folder
+
+
+def build_references(out: Path, seed: int = 0, n: int = 4) -> dict[str, Path]:
+    """``n`` PNG reference images per tiny subject: a coloured square at a random place on grey."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folders = {}
+    for s in TINY_SUBJECTS:
+        folder = out / "references" / s["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.full((32, 32, 3), 128, np.uint8)
+            x, y = rng.integers(0, 16, size=2)
+            img[y : y + 16, x : x + 16] = s["colour"]
+            Image.fromarray(img).save(folder / f"{i}.png")
+        folders[s["name"]] = folder
+    return folders
+
+
+def build_lora(pipeline_dir: Path, out: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random (non-zero) peft LoRA on the UNet attention projections, saved with diffusers' save_lora_weights."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
+    return out
+
+
+def build_textual_inversion(out: Path, token: str, seed: int = 0) -> Path:
+    """A diffusers-format ``learned_embeds.safetensors``: ``{token: [1, hidden]}``."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({token: torch.randn(1, HIDDEN)}, str(out / "learned_embeds.safetensors"))
+    return out
+
+
+def tiny_protocol(out: Path) -> dict:
+    """A protocol over the tiny models, with paths relative to the protocol file."""
+    return {
+        "name": "tiny", "version": "1.0", "base_model": "pipeline",
+        "description": "Tiny random models for plumbing tests; numbers are meaningless.",
+        "generation": {"scheduler": "ddim", "steps": 2, "guidance_scale": 2.0, "resolution": 32,
+                       "images_per_prompt": 2, "seed": 7, "batch_size": 4, "dtype": "float32"},
+        "encoders": {"clip": {"arch": "clip/open_clip_config.json", "weights": "clip/open_clip_model.safetensors"},
+                     "dino": {"model": "dino"}, "batch_size": 16},
+        "subjects": [{"name": s["name"], "class_noun": s["class_noun"], "trigger": s["trigger"],
+                      "references": f"references/{s['name']}"} for s in TINY_SUBJECTS],
+        "prompts": ["a photo of a {subject}", "a {subject} on a table"],
+        "bootstrap": {"resamples": 200, "seed": 0, "confidence": 0.95},
+    }
+
+
+def build_all(out: str | Path) -> Path:
+    """Write everything; returns the protocol path ``out/tiny.yaml``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = build_pipeline(out)
+    build_open_clip(out)
+    build_dino(out)
+    build_references(out)
+    build_lora(pipeline, out / "lora")
+    build_textual_inversion(out / "textual-inversion", TINY_SUBJECTS[0]["trigger"])
+    path = out / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_protocol(out), sort_keys=False))
+    return path
