@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import UserError
-from .models import WEIGHT_SUFFIXES, check_safetensors, combined_hash, file_sha256, folder_weight_hashes, refuse_pickle
+from .models import (WEIGHT_SUFFIXES, check_safetensors, combined_hash, file_sha256, folder_weight_hashes,
+                     quiet_progress_bars, refuse_pickle)
 
 
 def _normalise(x):
@@ -117,6 +118,7 @@ class DinoEncoder:
         import torch
         from transformers import AutoImageProcessor, ViTModel
 
+        quiet_progress_bars()
         local = Path(model).exists()
         if local:
             weights = [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin")]

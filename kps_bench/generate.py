@@ -157,7 +157,7 @@ def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size
             ).images
         for j, pixels in zip(batch, out):
             save_png(pixels, image_dir / j.filename, image_flags(pixels),
-                     {"prompt": j.prompt, "seed": j.seed, "role": j.role})
+                     {"prompt": j.prompt, "seed": j.seed})
             made += 1
         if progress is not None:
             progress(len(batch))

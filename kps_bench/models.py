@@ -37,6 +37,15 @@ SCHEDULER_CLASSES = {
 }
 
 
+def quiet_progress_bars() -> None:
+    """diffusers' and transformers' own loading bars would interleave with kps-bench's progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -147,9 +156,8 @@ def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: 
                   allow_unsafe_pickle: bool = False) -> LoadedModel:
     """Load a text-to-image diffusers pipeline (SD 1.x/2.x/XL) on ``device`` with the protocol's scheduler."""
     from diffusers import AutoPipelineForText2Image
-    from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.disable_progress_bar()
+    quiet_progress_bars()
     p = Path(resolved)
     local = p.exists()
     if local:
@@ -303,25 +311,33 @@ def count_lora_layers(pipe, adapter_name: str = ADAPTER_NAME) -> int:
     return n
 
 
+def modules_present(pipe, names: set[str]) -> int:
+    """How many ``component.module.path`` names (``unet.down_blocks.0...``) exist in the pipeline."""
+    present = {f"{comp_name}.{mod_name}" for comp_name, comp in pipe.components.items()
+               if hasattr(comp, "named_modules") for mod_name, _ in comp.named_modules()}
+    return sum(n in present for n in names)
+
+
 def load_lora_checked(pipe, file: Path) -> int:
     """Load a diffusers-format LoRA; fail if none of its modules matched the base (the silent "no effect" LoRA)."""
     keys = check_safetensors(file, "LoRA file")
-    expected = len(lora_module_names(keys))
+    names = lora_module_names(keys)
+    problem = None
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER_NAME)
+        matched = count_lora_layers(pipe)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"LoRA '{file}' could not be loaded into the base model: {e}. It was probably trained on a "
-                        f"different base architecture; check base_model.") from None
-    matched = count_lora_layers(pipe)
-    if matched == 0:
-        raise UserError(f"LoRA '{file}' matched 0 of its {expected} modules in the base model, so it would have no "
-                        f"effect. Its keys (e.g. '{keys[0]}') name modules the base does not have: it was trained "
-                        f"for another architecture or saved in an unsupported format; re-save it with "
+        matched, problem = modules_present(pipe, names), str(e).strip().splitlines()[0]
+    if matched == 0 or problem:
+        raise UserError(f"LoRA '{file}' matched {matched} of its {len(names)} modules in the base model, so it cannot "
+                        f"be applied{f' ({problem})' if problem else ' and would have no effect'}. Its keys (e.g. "
+                        f"'{keys[0]}') name modules this base does not have: it was trained for another base "
+                        f"architecture, or saved in an unsupported format. Check base_model, or re-save the LoRA with "
                         f"diffusers' save_lora_weights for this base.")
-    if matched < expected:
+    if matched < len(names):
         import warnings
 
-        warnings.warn(f"LoRA '{file}': only {matched} of its {expected} modules matched the base model.")
+        warnings.warn(f"LoRA '{file}': only {matched} of its {len(names)} modules matched the base model.")
     return matched
 
 

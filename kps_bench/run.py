@@ -80,6 +80,7 @@ def reference_records(protocol: Protocol, subject: Subject, run_dir: Path) -> li
         sha = sha256_file(p)
         dest = run_dir / "images" / f"ref-{sha[:32]}{p.suffix.lower()}"
         if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp")
             shutil.copyfile(p, tmp)
             os.replace(tmp, dest)

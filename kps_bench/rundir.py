@@ -152,7 +152,7 @@ def save_embeddings(path: str | os.PathLike, tensors: dict) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().float().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()}, str(tmp))
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:
