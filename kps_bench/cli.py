@@ -181,6 +181,57 @@ def protocols_validate(path):
                f"sha256 {p.sha256[:16]})")
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--group-by", type=click.Choice(["method", "subject"]), default="method", show_default=True,
+              help="One row per method (mean over its subjects) or per subject.")
+@click.option("--reference", help="Method to test every other method against (Wilcoxon signed-rank on kps and "
+              "preservation over (subject, prompt) pairs).")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "tex", "json"]), default="md", show_default=True,
+              help="Markdown, CSV, LaTeX tabular, or JSON (one row per method and metric).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
+@click.option("--allow-mixed", is_flag=True, help="Put runs of different protocols in separate tables instead of refusing.")
+@click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, resamples, seed):
+    """Turn run directories into a leaderboard with 95% CIs, ranks and significance."""
+    from .leaderboard import build_tables, load_run, render
+    from .rundir import write_text_atomic
+
+    tables = build_tables([load_run(d) for d in run_dirs], group_by, reference, allow_mixed, resamples, seed)
+    text = render(tables, fmt)
+    if out:
+        write_text_atomic(out, text)
+        click.echo(f"Wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--prompts", type=click.IntRange(min=1), default=3, show_default=True, help="Prompts shown per subject.")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Seeds shown per prompt.")
+def grid(run_dirs, out, prompts, seeds):
+    """Contact sheet per subject: references, then base and each method, seed-paired, trigger-free and trigger."""
+    from .figures import grid as make_grid
+    from .leaderboard import load_run
+
+    click.echo(f"Wrote {make_grid([load_run(d) for d in run_dirs], out, prompts, seeds)}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Image to write (.png, .pdf or .svg).")
+@click.option("--allow-mixed", is_flag=True, help="Plot only the first protocol's table when runs mix protocols.")
+def plot(run_dirs, out, allow_mixed):
+    """Identity against preservation, one point per method with CI bars, and iso-KPS curves."""
+    from .figures import plot as make_plot
+    from .leaderboard import build_tables, load_run
+
+    click.echo(f"Wrote {make_plot(build_tables([load_run(d) for d in run_dirs], allow_mixed=allow_mixed)[0], out)}")
+
+
 @main.command("tiny-models")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tiny models to.")
 def tiny_models(out):

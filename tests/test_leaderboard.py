@@ -1,0 +1,109 @@
+"""Leaderboard numbers, intervals, significance, protocol mixing, output formats and figures."""
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from kps_bench.errors import UserError
+from kps_bench.evaluate import SubjectStats
+from kps_bench.figures import grid, plot
+from kps_bench.leaderboard import Run, build_tables, load_run, render, to_latex, wilcoxon_against
+from kps_bench.protocol import load_protocol
+from kps_bench.run import RunOptions, run_benchmark
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tiny_protocol, tmp_path_factory):
+    root = tmp_path_factory.mktemp("board")
+    p = load_protocol(str(tiny_protocol))
+    run_benchmark(p, RunOptions(out=root / "base", adapter_kind="none", device="cpu"))
+    for s in ("red-block", "blue-ball"):
+        run_benchmark(p, RunOptions(out=root / f"lora-{s}", adapter=str(tiny / "lora"), subjects=(s,),
+                                    label="lora", device="cpu"))
+    return root
+
+
+def dirs(root):
+    return [root / "base", root / "lora-red-block", root / "lora-blue-ball"]
+
+
+def test_values_equal_mean_of_run_results_and_cis_contain_them(runs):
+    (table,) = build_tables([load_run(d) for d in dirs(runs)], reference="base", resamples=300)
+    rows = {r["name"]: r for r in table.rows}
+    assert set(rows) == {"base", "lora"}
+    per_run = [json.loads((d / "results.json").read_text()) for d in dirs(runs)[1:]]
+    for m in ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio"):
+        expected = sum(r["metrics"][s][m]["value"] for r in per_run for s in r["metrics"]) / 2
+        assert rows["lora"][m]["value"] == pytest.approx(expected, abs=1e-12)
+        for r in rows.values():
+            assert r[m]["ci_low"] - 1e-12 <= r[m]["value"] <= r[m]["ci_high"] + 1e-12
+    assert rows["base"]["preservation"]["value"] == 1.0
+    assert rows["lora"]["n_subjects"] == 2 and rows["lora"]["n_images"] == 24
+    assert 0 < rows["lora"]["p_kps"] <= 1 and rows["lora"]["n_pairs_kps"] == 4  # 2 subjects x 2 prompts
+    assert sorted(r["rank"] for r in table.rows) == [1, 2]
+
+
+def _stats(identity):
+    n = len(identity)
+    ones = torch.ones(n, dtype=torch.float64)
+    sums = {k: torch.zeros(n, dtype=torch.float64) for k in (
+             "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_base", "diversity_adapter",
+             "vendi_base", "vendi_adapter")}
+    counts = {k: ones.clone() for k in sums}
+    sums["identity"] = torch.tensor(identity, dtype=torch.float64)
+    sums["preservation"] = ones.clone()
+    return SubjectStats([f"prompt {i}" for i in range(n)], sums, counts)
+
+
+def test_wilcoxon_known_p_value():
+    # six (subject, prompt) pairs, all in favour of A: exact two-sided p = 2 / 2**6
+    a = Run(None, "a", {"metrics": {"s": {}}}, {"s": _stats([0.60, 0.62, 0.64, 0.66, 0.68, 0.70])})
+    b = Run(None, "b", {"metrics": {"s": {}}}, {"s": _stats([0.50, 0.51, 0.52, 0.53, 0.54, 0.55])})
+    p, n = wilcoxon_against([(a, "s")], [(b, "s")], "kps")
+    assert n == 6 and p == pytest.approx(0.03125)
+    p, n = wilcoxon_against([(a, "s")], [(a, "s")], "kps")
+    assert p == 1.0
+
+
+def test_mixed_protocols_are_refused_unless_allowed(runs, tiny_protocol, tiny, tmp_path):
+    p = load_protocol(str(tiny_protocol), ["generation.steps=3"])
+    run_benchmark(p, RunOptions(out=tmp_path / "other", adapter_kind="none", subjects=("red-block",), device="cpu"))
+    loaded = [load_run(d) for d in dirs(runs)] + [load_run(tmp_path / "other")]
+    with pytest.raises(UserError, match="different protocols"):
+        build_tables(loaded)
+    tables = build_tables(loaded, allow_mixed=True, resamples=50)
+    assert len(tables) == 2
+
+
+def test_formats(runs):
+    tables = build_tables([load_run(d) for d in dirs(runs)], reference="base", resamples=100)
+    md = render(tables, "md")
+    assert md.splitlines()[0].startswith("| rank | method | kps |") and "Protocol tiny v1.0" in md
+    rows = list(csv.DictReader(io.StringIO(render(tables, "csv"))))
+    assert {r["method"] for r in rows} == {"base", "lora"} and float(rows[0]["kps"]) > 0
+    js = json.loads(render(tables, "json"))
+    assert {(r["method"], r["metric"]) for r in js} >= {("lora", "kps"), ("base", "preservation")}
+    tex = to_latex(tables[0])
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
+    body = [l for l in tex.splitlines() if l.endswith(r"\\")]
+    n_cols = len(tex.split("{tabular}{")[1].split("}")[0])
+    assert all(l.count(" & ") == n_cols - 1 for l in body)
+    assert r"clip\_i" in tex and "clip_i" not in tex.replace(r"clip\_i", "")
+    assert r"\textbf{" in tex
+
+
+def test_grid_and_plot_are_pngs_of_the_expected_size(runs, tmp_path):
+    loaded = [load_run(d) for d in dirs(runs)]
+    g = grid(loaded, tmp_path / "grid.png", prompts=2, seeds=2)
+    with Image.open(g) as im:
+        assert im.format == "PNG"
+        # per subject: title + header + 3 rows (references, base, lora) of 96 px cells; 2 prompts x 2 seeds x 2 cells
+        assert im.width == 150 + 8 * (96 + 4)
+        assert im.height == 2 * (28 + 40 + 3 * (96 + 4)) + 2 * 4
+    p = plot(build_tables(loaded, resamples=50)[0], tmp_path / "plot.png")
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.size == (900, 750)
