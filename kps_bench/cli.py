@@ -243,18 +243,38 @@ def tiny_models(out):
                f"{Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
 
 
-def _register_optional():
-    """Commands of the world, trainers and leaderboard, when those modules are present."""
-    import importlib
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="kps-bench-demo", show_default=True,
+              help="Folder for adapters/, runs/, leaderboard.md/.csv/.tex, grid.png and plot.png. A second run "
+                   "reuses every finished step.")
+@click.option("--protocol", "protocol_name", default=DEFAULT_PROTOCOL, show_default=True, help="Protocol to run.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(["cat", "lora", "dreambooth", "textual-inversion"]),
+              help="Methods to train (repeatable; default all four).")
+@click.option("--subject", "subjects", multiple=True, help="Subjects to train (repeatable; default all).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--train-set", "train_sets", multiple=True, metavar="KEY=VALUE",
+              help="Recipe override applied to every method, e.g. --train-set steps=20 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+def demo(out, protocol_name, methods, subjects, sets, train_sets, device):
+    """Train CAT, LoRA, DreamBooth and textual inversion on the shapes world, evaluate, and write the leaderboard."""
+    from .demo import DemoOptions, run_demo
 
-    for module, attr in (("kps_bench.world.cli", "world"),):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        main.add_command(getattr(mod, attr))
+    opts = DemoOptions(out=Path(out), protocol=protocol_name, subjects=tuple(subjects), protocol_overrides=tuple(sets),
+                       train_overrides=tuple(train_sets), device=device)
+    if methods:
+        opts.methods = tuple(methods)
+    result = run_demo(opts)
+    click.echo(result.markdown)
+    click.echo(f"Demo finished in {result.seconds:.0f} s. Leaderboard, grid.png and plot.png are in {result.out}/")
 
 
-_register_optional()
+def _register_subcommands():
+    """The world and trainer command groups live with their packages."""
+    from .train.cli import train_baseline
+    from .world.cli import world
+
+    main.add_command(train_baseline)
+    main.add_command(world)
+
+
+_register_subcommands()

@@ -25,8 +25,9 @@ from .rundir import load_embeddings, read_manifest
 
 METRIC_COLUMNS = ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio")
 TESTED = ("kps", "preservation")
-#: Per-subject ground-truth fields (from `kps-bench world truth`) shown as columns when present.
-GT_PREFIX = "gt_"
+#: Per-subject ground-truth fields of `kps-bench world truth` -> leaderboard columns (shown when present).
+GROUND_TRUTH = {"true_identity": "gt_identity", "true_leakage": "gt_leakage", "true_knowledge_shift": "gt_knowledge_shift"}
+LOWER_IS_BETTER = ("gt_leakage", "gt_knowledge_shift")
 
 
 @dataclass
@@ -74,9 +75,8 @@ def load_run(path: str | Path) -> Run:
     records = read_manifest(path / "images.jsonl")
     emb = load_embeddings(path / "embeddings.safetensors")
     stats = {s: subject_stats(records, emb, s) for s in results["metrics"]}
-    gt = {s: {f"{GT_PREFIX}{k}": v for k, v in d.items() if isinstance(v, (int, float))}
-          for s, d in (results.get("ground_truth") or {}).get("subjects", results.get("ground_truth") or {}).items()
-          if isinstance(d, dict)}
+    gt = {s: {col: d[key] for key, col in GROUND_TRUTH.items() if isinstance(d.get(key), (int, float))}
+          for s, d in ((results.get("ground_truth") or {}).get("subjects") or {}).items()}
     return Run(path, method_name(results), results, stats, gt)
 
 
@@ -183,7 +183,7 @@ def _table(runs: list[Run], group_by: str, reference: str | None, resamples: int
         raise UserError(f"--reference '{reference}' is not among the methods of these runs: {', '.join(sorted(groups))}.")
     available = [m for m in METRIC_COLUMNS if all(m in r.results["metrics"][s] for items in groups.values()
                                                    for r, s in items)]
-    gt_cols = sorted({k for r in runs for d in r.ground_truth.values() for k in d})
+    gt_cols = [c for c in GROUND_TRUTH.values() if any(c in d for r in runs for d in r.ground_truth.values())]
     rows = []
     for gi, (key, items) in enumerate(sorted(groups.items())):
         distinct_runs = {id(r): r for r, _ in items}.values()
@@ -312,7 +312,7 @@ def latex_escape(s: str) -> str:
 
 def to_latex(t: Table) -> str:
     """A booktabs-free ``tabular``: value ± half CI width, best value per column in bold."""
-    higher_better = {m: m not in ("gt_leakage", "gt_knowledge_shift") for m in t.metrics}
+    higher_better = {m: m not in LOWER_IS_BETTER for m in t.metrics}
     best = {}
     for m in t.metrics:
         vals = [r[m]["value"] for r in t.rows if m in r]

@@ -20,6 +20,7 @@ from .provenance import Timings, device_info, git_commit, now_iso, package_versi
 from .rundir import (ImageRecord, load_embeddings, read_manifest, resolve_image_path, save_embeddings,
                      sha256_file, write_json_atomic, write_manifest)
 from .ui import console, progress
+from .world import is_shapes_world
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -94,7 +95,8 @@ def reference_records(protocol: Protocol, subject: Subject, run_dir: Path) -> li
 
 def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, device: str, timings: Timings,
                     provenance: dict) -> dict:
-    """Encode every image once per encoder, store embeddings, compute metrics, write results.json."""
+    """Encode every image once per encoder, store embeddings, compute metrics (and the shapes world's ground
+    truth), write results.json."""
     need_dino = any(m in protocol.metrics for m in ("dino", "diversity", "vendi"))
     enc = protocol.encoders
     with timings("load_encoders"):
@@ -126,14 +128,15 @@ def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, d
             tensors[k] = e
     save_embeddings(out / "embeddings.safetensors", tensors)
     provenance["encoders"] = {"clip": clip.identity, **({"dino": dino.identity} if dino else {})}
-    return write_results(out, records, tensors, protocol, provenance, timings)
-
-
-def write_results(out: Path, records: list[ImageRecord], tensors: dict, protocol: Protocol, provenance: dict,
-                  timings: Timings) -> dict:
     b = protocol.bootstrap
     with timings("metrics"):
         results = compute_results(records, tensors, protocol.metrics, b.resamples, b.seed, b.confidence)
+    base = Path(protocol.resolve(protocol.base_model, "pipeline"))
+    if is_shapes_world(str(base)):
+        from .world.truth import truth
+
+        with timings("ground_truth"):
+            results["ground_truth"] = truth(out, world_dir=base.parent, write=False)
     if results["counts"]["flagged"]:
         console.print(f"[yellow]warning:[/] {results['counts']['flagged']} image(s) are NaN or all black; they are "
                       f"flagged in images.jsonl and left out of the metrics (see counts.flagged in results.json).")

@@ -1,0 +1,127 @@
+"""``dreambooth``: full fine-tuning of the UNet (and, by recipe, the text encoder) with prior preservation.
+
+Follows diffusers' ``examples/dreambooth/train_dreambooth.py`` (Ruiz et al. 2023): class images are
+generated once by the base model from the trigger-free prompts with fixed seeds and cached (a
+content-addressed folder under ``$KPS_BENCH_CACHE``, default ``~/.cache/kps-bench/class-images``, so
+every run of the same base and recipe reuses them); each step runs instance and class samples as
+one batch and the loss is ``instance loss + prior_loss_weight * class loss``. Output: a diffusers
+pipeline folder (``kps-bench run --adapter OUT`` detects it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from .core import LOG_FILE, Trainer, load_reference_pixels, to_device, work_folder
+from .lora import mse
+
+
+def class_image_dir() -> Path:
+    root = os.environ.get("KPS_BENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kps-bench")
+    return Path(root) / "class-images"
+
+
+def class_images(trainer: Trainer) -> tuple[list[Path], list[int]]:
+    """Make (or find) ``num_class_images`` base-model images of the trigger-free captions; image k uses caption k mod n."""
+    from ..generate import Job, cache_key, generate, oom_guard
+    from ..protocol import derive_seed
+    from ..ui import progress
+
+    r, captions = trainer.recipe, trainer.captions
+    gen = dataclasses.replace(trainer.protocol.generation, steps=r.class_sample_steps,
+                              guidance_scale=r.class_guidance_scale, resolution=r.resolution)
+    device = trainer.accelerator.device
+    jobs = []
+    for k in range(r.num_class_images):
+        p = k % len(captions.templates)
+        prompt = captions.without_trigger[p]
+        seed = derive_seed(r.seed, p, k)
+        key = cache_key(trainer.base_identity, None, prompt, seed, gen, device.type)
+        jobs.append(Job(key, "base", trainer.subject.name, prompt, prompt, False, seed, p, k))
+    folder = class_image_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not (folder / j.filename).is_file()]
+    if todo and trainer.accelerator.is_main_process:
+        pipe = trainer.pipe.to(device)
+        batch = trainer.protocol.generation.batch_size
+        with progress("class images", len(todo)) as advance, oom_guard("generating class images", batch,
+                                                                       "--set generation.batch_size=N in the protocol"):
+            generate(pipe, todo, gen, folder, batch, advance)
+        pipe.to("cpu")
+    trainer.accelerator.wait_for_everyone()
+    trainer.extra["class_images"] = {"count": len(jobs), "folder": str(folder), "generated_now": len(todo),
+                                     "sample_steps": gen.steps, "guidance_scale": gen.guidance_scale}
+    return [folder / j.filename for j in jobs], [j.prompt_index for j in jobs]
+
+
+def train(trainer: Trainer):
+    import torch
+
+    # ---- setup: class images from the (still untouched) base, their latents, the trainable UNet
+    trainer.setup()
+    r = trainer.recipe
+    with work_folder(trainer):
+        paths, class_captions = class_images(trainer)
+        class_latents = trainer.encode_latents(load_reference_pixels(paths, trainer.latents.size * trainer.vae_factor))
+        unet, te = trainer.pipe.unet, trainer.pipe.text_encoder
+        unet.to(trainer.device)
+        unet.requires_grad_(True)
+        unet.train()
+        if r.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        params = {f"unet.{n}": p for n, p in unet.named_parameters()}
+        models = [unet]
+        if r.train_text_encoder:
+            te.to(trainer.device)
+            te.requires_grad_(True)
+            te.train()
+            params.update({f"text_encoder.{n}": p for n, p in te.named_parameters()})
+            models.append(te)
+            emb = None
+        else:
+            to_device(te, trainer.device, trainer.weight_dtype)
+            emb = torch.cat([trainer.encode_prompts(trainer.captions.with_trigger),
+                             trainer.encode_prompts(trainer.captions.without_trigger)]).float()
+            te.to("cpu")
+        n = len(trainer.captions.templates)
+
+        # ---- loss: instance loss + prior_loss_weight * class loss, one forward pass for both halves
+        def compute_loss(model, batch):
+            m_unet = model[0]
+            cls = trainer.sample_batch(cache=class_latents, image_captions=class_captions)
+            idx = list(batch.caption_index) + [n + c for c in cls.caption_index]
+            if r.train_text_encoder:
+                states = trainer.encode_prompts([(trainer.captions.with_trigger + trainer.captions.without_trigger)[i]
+                                                 for i in idx], text_encoder=model[1])
+            else:
+                states = emb[idx]
+            pred = m_unet(torch.cat([batch.noisy, cls.noisy]), torch.cat([batch.timesteps, cls.timesteps]),
+                          states).sample
+            pred_instance, pred_class = pred.chunk(2)
+            instance = mse(pred_instance, trainer.target(batch))
+            prior = mse(pred_class, trainer.target(cls))
+            loss = instance + r.prior_loss_weight * prior
+            return loss, {"loss": loss.item(), "loss_instance": instance.item(), "loss_prior": prior.item()}
+
+        # ---- loop
+        trainer.fit(params, models, compute_loss)
+
+        # ---- save: a complete diffusers pipeline with the fine-tuned weights
+        from diffusers import StableDiffusionPipeline
+
+        acc = trainer.accelerator
+        pipe = trainer.pipe
+        if acc.is_main_process:
+            out = StableDiffusionPipeline(
+                vae=pipe.vae, text_encoder=acc.unwrap_model(te).to("cpu").eval(), tokenizer=pipe.tokenizer,
+                unet=acc.unwrap_model(unet).to("cpu").eval(), scheduler=pipe.scheduler, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+            out.save_pretrained(trainer.work, safe_serialization=True)
+        files = sorted(str(p.relative_to(trainer.work)) for p in trainer.work.rglob("*")
+                       if p.is_file() and p.suffix in (".safetensors", ".json", ".txt") and "checkpoints" not in p.parts)
+        if not files:
+            raise UserError("DreamBooth produced no pipeline files.")
+        return trainer.finish(files + [LOG_FILE])

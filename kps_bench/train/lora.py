@@ -1,0 +1,91 @@
+"""``lora``: a peft LoRA on the UNet attention projections, trained with the epsilon-prediction loss.
+
+Reads like diffusers' ``train_dreambooth_lora.py`` without prior preservation: setup, loop, save.
+The output is ``pytorch_lora_weights.safetensors`` written by diffusers' ``save_lora_weights``, so
+``pipe.load_lora_weights(OUT)`` loads it with plain diffusers.
+"""
+
+from __future__ import annotations
+
+from ..models import LORA_FILE
+from .core import LOG_FILE, Trainer, lora_target_modules, to_device, work_folder
+
+ADAPTER = "default"
+
+
+def add_lora(trainer: Trainer):
+    """Freeze the base UNet (in the mixed-precision dtype), add the LoRA, keep its parameters float32."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    r = trainer.recipe
+    unet = trainer.pipe.unet
+    unet.requires_grad_(False)
+    to_device(unet, trainer.device, trainer.weight_dtype)
+    torch.manual_seed(r.seed)
+    unet.add_adapter(LoraConfig(r=r.rank, lora_alpha=r.alpha, init_lora_weights="gaussian",
+                                target_modules=lora_target_modules()), adapter_name=ADAPTER)
+    cast_training_params(unet, dtype=torch.float32)
+    if r.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    return unet, params
+
+
+def caption_embeddings(trainer: Trainer):
+    """Frozen text-encoder states of every caption, with and without the trigger (computed once)."""
+    te = to_device(trainer.pipe.text_encoder, trainer.device, trainer.weight_dtype)
+    with_trigger = trainer.encode_prompts(trainer.captions.with_trigger).float()
+    without = trainer.encode_prompts(trainer.captions.without_trigger).float()
+    te.to("cpu")
+    return with_trigger, without
+
+
+def mse(a, b):
+    import torch.nn.functional as F
+
+    return F.mse_loss(a.float(), b.float(), reduction="mean")
+
+
+def save_lora(trainer: Trainer, unet) -> list[str]:
+    """diffusers' save_lora_weights -> pytorch_lora_weights.safetensors (with the LoRA config as metadata)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = trainer.accelerator.unwrap_model(unet)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    if trainer.accelerator.is_main_process:
+        StableDiffusionPipeline.save_lora_weights(
+            trainer.work, unet_lora_layers=layers, weight_name=LORA_FILE, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
+    trainer.extra["lora"] = {"rank": trainer.recipe.rank, "alpha": trainer.recipe.alpha,
+                             "target_modules": lora_target_modules(), "tensors": len(layers)}
+    return [LORA_FILE]
+
+
+def train(trainer: Trainer):
+    # ---- setup: frozen base, cached latents and caption embeddings, the LoRA
+    trainer.setup()
+    with work_folder(trainer):
+        trainer.pipe.vae.to("cpu")
+        emb_trigger, _ = caption_embeddings(trainer)
+        unet, params = add_lora(trainer)
+
+        # ---- loss: || eps - eps_{theta+Delta}(z_t, t, tau(y_T)) ||^2
+        def compute_loss(model, batch):
+            pred = model(batch.noisy, batch.timesteps, emb_trigger[batch.caption_index]).sample
+            loss = mse(pred, trainer.target(batch))
+            return loss, {"loss": loss.item()}
+
+        # ---- loop
+        trainer.fit(params, unet, compute_loss)
+
+        # ---- save
+        files = save_lora(trainer, unet)
+        return trainer.finish(files + [LOG_FILE])
+
+

@@ -1,0 +1,75 @@
+"""MODEL_CARD.md of a shapes world, written from build.json and check.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .render import BACKGROUNDS, BASE_COLOURS, PATTERNS, SHAPES, SIZES, SUBJECT_COLOURS
+
+
+def write_model_card(world) -> Path:
+    from .subjects import SUBJECTS
+    from . import train as T
+
+    world = Path(world)
+    b = json.loads((world / "build.json").read_text()) if (world / "build.json").exists() else {}
+    c = json.loads((world / "check.json").read_text()) if (world / "check.json").exists() else None
+    lines = [
+        "# shapes-world model card",
+        "",
+        "A small, fully real text-to-image world for kps-bench: every weight here was trained from scratch on",
+        "procedurally rendered 32x32 images by `kps-bench world build`, on CPU, with fixed seeds.",
+        "",
+        "## Provenance",
+        "",
+        f"- Command: `{b.get('command', '?')}`",
+        f"- Duration: {b.get('duration_s', 0) / 60:.1f} min ({b.get('threads', '?')} CPU threads; "
+        f"per stage, seconds: {b.get('timings_s', {})})",
+        f"- Finished (UTC): {b.get('finished_utc', '?')}; torch {b.get('torch', '?')}, python {b.get('python', '?')}, "
+        f"{b.get('platform', '?')}",
+        f"- Seeds: {b.get('seeds', {})}",
+        f"- Training steps: {b.get('steps', {})}; images rendered: {b.get('n_images', {})}",
+        "",
+        "## Domain",
+        "",
+        f"- Shapes: {', '.join(SHAPES)}",
+        f"- Fill colours (base distribution): {', '.join(BASE_COLOURS)}; subject-only colours: {', '.join(SUBJECT_COLOURS)}",
+        f"- Patterns: {', '.join(PATTERNS)} (second colour white or black in the base distribution)",
+        f"- Backgrounds: {', '.join(BACKGROUNDS)}; sizes: {', '.join(SIZES)}; random position and rotation (±25°)",
+        "- Captions: `a [size] [colour] [pattern] <shape> [on a <background> background]`, each bracketed attribute",
+        "  kept with probability 0.55, so short class prompts (`a star`) cover the omitted factors.",
+        "",
+        "## Models",
+        "",
+        "| part | format | architecture |",
+        "|---|---|---|",
+        f"| `pipeline/` | diffusers `StableDiffusionPipeline` (fp16 safetensors) | VAE `AutoencoderKL` {T.vae_config()['block_out_channels']} 32x32 -> 8x8x4; "
+        f"UNet `UNet2DConditionModel` {T.unet_config()['block_out_channels']}; `CLIPTextModel` hidden 64, 3 layers, "
+        f"real CLIP BPE tokenizer (max length {T.TEXT_LEN}); DDIM scheduler |",
+        f"| `clip/` | open_clip config + state dict (fp16 safetensors) | ViT patch 8 width 128 x4, text width 64 x3, embed 64 |",
+        f"| `dino/` | transformers `ViTModel` + `ViTImageProcessor` | ViT patch 8, hidden 128, 4 layers; DINO self-distillation |",
+        "| `probe/` | config.json + safetensors | CNN with heads shape, colour (11), pattern, background, size |",
+        "",
+        "The text-to-image model is trained on the base distribution only (8 fill colours, white/black patterns);",
+        "the probe, CLIP, DINO and VAE also see the subject-only colours and chromatic pattern colours.",
+        "",
+        "## Subjects",
+        "",
+        "| name | trigger | class noun | look (signature: colour + pattern) |",
+        "|---|---|---|---|",
+    ]
+    for s in SUBJECTS:
+        lines.append(f"| {s.name} | `{s.trigger}` | {s.class_noun} | {s.to_json()['description']} |")
+    lines += ["", "## Quality gates (`kps-bench world check`)", ""]
+    if c:
+        from .check import markdown_table
+
+        lines += [markdown_table(c), "",
+                  f"Measured {c.get('measured_utc', '?')} with n={c['n']}; generation speed "
+                  f"{c['details']['images_per_second']} images/s; all passed: {c['all_passed']}."]
+    else:
+        lines.append("Not measured yet.")
+    p = world / "MODEL_CARD.md"
+    p.write_text("\n".join(lines) + "\n")
+    return p

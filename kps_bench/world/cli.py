@@ -1,0 +1,69 @@
+"""``kps-bench world ...`` commands (registered by the main CLI)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group("world")
+def world() -> None:
+    """The built-in shapes world: build it, check its quality gates, read ground truth of a run."""
+
+
+@world.command("build")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write the world to.")
+@click.option("--scale", default=1.0, show_default=True, type=float,
+              help="Fraction of the training budget (1.0 = the shipped world; smaller for smoke tests).")
+@click.option("--no-check", is_flag=True, help="Skip the quality-gate check at the end.")
+def build_cmd(out: str, scale: float, no_check: bool) -> None:
+    """Render the data and train every model of the shapes world from scratch (about 50 min on 2 cores)."""
+    from .build import build
+
+    build(out, scale=scale, run_check=not no_check, log=click.echo)
+
+
+@world.command("check")
+@click.option("--world", "world_dir", default=None, type=click.Path(file_okay=False),
+              help="World folder (default: the shipped shapes world).")
+@click.option("--n", default=200, show_default=True, type=int, help="Images per gate.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the gates as JSON here (default: <world>/check.json for a built world folder given with --world).")
+def check_cmd(world_dir: str | None, n: int, json_path: str | None) -> None:
+    """Measure and print the quality gates of the shapes world."""
+    from pathlib import Path
+
+    from kps_bench.errors import UserError
+
+    from . import WORLD_DIR
+    from .check import check
+
+    w = Path(world_dir) if world_dir else WORLD_DIR
+    for sub in ["pipeline/model_index.json", "probe/config.json", "clip/open_clip_config.json", "dino/config.json"]:
+        if not (w / sub).exists():
+            raise UserError(f"{w / sub} is missing: --world must be a folder written by 'kps-bench world build --out DIR'")
+    if json_path is None:
+        json_path = str(w / "check.json") if world_dir else None
+    res = check(w, n=n, json_path=json_path, log=click.echo)
+    if json_path:
+        click.echo(f"wrote {json_path}")
+    if not res["all_passed"]:
+        raise SystemExit(1)
+
+
+@world.command("truth")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--world", "world_dir", default=None, type=click.Path(file_okay=False), help="World folder (probe).")
+def truth_cmd(run_dir: str, world_dir: str | None) -> None:
+    """Ground truth of a run on the shapes world: true identity, leakage and knowledge shift per subject."""
+    from .truth import print_truth, truth
+
+    gt = truth(run_dir, world_dir=world_dir, write=True)
+    print_truth(gt, click.echo)
+
+
+def main() -> None:  # pragma: no cover - for `python -m kps_bench.world.cli`
+    world()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,545 @@
+"""Training of every model of the shapes world (CPU, fixed seeds).
+
+Each ``train_*`` function takes numpy data and a ``scale`` (1.0 = the shipped budget; smaller for
+smoke tests) and returns a trained torch module. ``build.py`` orchestrates them and saves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .render import (BACKGROUNDS, BASE_COLOURS, COLOURS, PATTERNS, SHAPES, SIZES, Factors,
+                     caption)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_LEN = 24  # tokens (tokenizer model_max_length == text encoder max_position_embeddings)
+
+
+def _progress():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def _tick(pb, task, step, steps, info):
+    """Advance a progress bar; without a terminal, also print a line every 5%."""
+    import sys
+
+    pb.update(task, completed=step, info=info)
+    if not sys.stderr.isatty() and steps >= 20 and step % max(1, steps // 20) == 0:
+        desc = pb.tasks[task].description if hasattr(pb, "tasks") else ""
+        print(f"  {desc} {step}/{steps} {info} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+
+
+def _to_float(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _cosine_lr(opt, step, total, base, warmup=100):
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        lr = max(lr, base * 0.05)
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+# -------------------------------------------------------------------------------------- VAE
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=32)
+
+
+def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64, log=print):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    x_all = images
+    vae.train()
+    with _progress() as pb:
+        t = pb.add_task("VAE", total=steps, info="")
+        for step in range(steps):
+            _cosine_lr(opt, step, steps, 1e-3)
+            idx = g.integers(0, len(x_all), batch)
+            x = _to_float(x_all[idx]) * 2 - 1
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample
+            kl = post.kl().mean() / (3 * 32 * 32)
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 20 == 0:
+                _tick(pb, t, step, steps, f"loss {loss.item():.4f}")
+        pb.update(t, completed=steps)
+    vae.eval()
+    # scaling factor: latents of unit variance
+    with torch.no_grad():
+        x = _to_float(x_all[:2000]) * 2 - 1
+        z = torch.cat([vae.encode(x[i:i + 100]).latent_dist.mean for i in range(0, len(x), 100)])
+    sf = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=sf)
+    log(f"VAE scaling factor {sf:.4f}")
+    return vae
+
+
+def vae_encode(vae, images: np.ndarray, batch: int = 100):
+    """Posterior mean and std of the latents (unscaled)."""
+    import torch
+
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            d = vae.encode(_to_float(images[i:i + batch]) * 2 - 1).latent_dist
+            means.append(d.mean)
+            stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def vae_reconstruct(vae, images: np.ndarray, batch: int = 100) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = _to_float(images[i:i + batch]) * 2 - 1
+            r = vae.decode(vae.encode(x).latent_dist.mean).sample
+            out.append(((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------ probe
+def _factor_labels(fs: list[Factors]):
+    return {
+        "shape": np.array([SHAPES.index(f.shape) for f in fs]),
+        "colour": np.array([COLOURS.index(f.colour) for f in fs]),
+        "pattern": np.array([PATTERNS.index(f.pattern) for f in fs]),
+        "background": np.array([BACKGROUNDS.index(f.background) for f in fs]),
+        "size": np.array([SIZES.index(f.size) for f in fs]),
+    }
+
+
+def _blur_noise(x, g: np.random.Generator):
+    """Random mild blur and noise (makes the probe robust to decoder artefacts)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    sig = torch.from_numpy(g.uniform(0.0, 0.9, b).astype(np.float32))
+    k = torch.arange(-2, 3).float()
+    w = torch.exp(-(k[None] ** 2) / (2 * sig[:, None].clamp(min=1e-3) ** 2))
+    w = w / w.sum(1, keepdim=True)  # (b,5)
+    xp = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    # separable blur per sample
+    xs = sum(w[:, i].view(b, 1, 1, 1) * xp[:, :, :, i:i + 32] for i in range(5))
+    xs = sum(w[:, i].view(b, 1, 1, 1) * xs[:, :, i:i + 32, :] for i in range(5))
+    noise = torch.from_numpy(g.normal(0, 1, x.shape).astype(np.float32)) * torch.from_numpy(
+        g.uniform(0, 0.04, (b, 1, 1, 1)).astype(np.float32))
+    return (xs + noise).clamp(0, 1)
+
+
+def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, recon: np.ndarray | None = None,
+                batch: int = 128):
+    import torch
+    import torch.nn.functional as F
+
+    from .probe import build_probe
+
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed)
+    m = build_probe()
+    labels = {k: torch.from_numpy(v) for k, v in _factor_labels(fs).items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4)
+    m.train()
+    with _progress() as pb:
+        t = pb.add_task("probe", total=steps, info="")
+        for step in range(steps):
+            _cosine_lr(opt, step, steps, 2e-3)
+            if recon is not None and g.random() < 0.5:
+                idx = g.integers(0, len(recon), batch)
+                x = _to_float(recon[idx])
+            else:
+                idx = g.integers(0, len(images), batch)
+                x = _to_float(images[idx])
+            if g.random() < 0.5:
+                x = _blur_noise(x, g)
+            out = m(x)
+            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 20 == 0:
+                _tick(pb, t, step, steps, f"loss {loss.item():.3f}")
+        pb.update(t, completed=steps)
+    m.eval()
+    return m
+
+
+# ------------------------------------------------------------------------------ text + UNet
+def text_encoder_config() -> dict:
+    return dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, max_position_embeddings=TEXT_LEN, projection_dim=64,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def unet_config() -> dict:
+    return dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 96),
+                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                attention_head_dim=32, norm_num_groups=32)
+
+
+def scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+class _Ema:
+    def __init__(self, module, decay):
+        import copy
+
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval()
+        for p in self.shadow.parameters():
+            p.requires_grad_(False)
+
+    def update(self, module, step):
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ps, p in zip(self.shadow.parameters(), module.parameters()):
+                ps.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_factor: float, steps: int,
+              seed: int, batch: int = 128, p_uncond: float = 0.1):
+    """Jointly train a CLIPTextModel (from scratch) and a UNet2DConditionModel (epsilon objective)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed)
+    text = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
+    unet = UNet2DConditionModel(**unet_config())
+    sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
+    params = [{"params": unet.parameters(), "lr_mult": 1.0}, {"params": text.parameters(), "lr_mult": 1.0}]
+    base_lr = 5e-4
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=1e-2)
+    ema_u, ema_t = _Ema(unet, 0.999), _Ema(text, 0.999)
+    tok_cache: dict[str, list[int]] = {}
+
+    def tokenize(caps):
+        miss = [c for c in set(caps) if c not in tok_cache]
+        if miss:
+            ids = tokenizer(miss, padding="max_length", max_length=TEXT_LEN, truncation=True).input_ids
+            tok_cache.update(zip(miss, ids))
+        return torch.tensor([tok_cache[c] for c in caps])
+
+    unet.train()
+    text.train()
+    alphas = sched.alphas_cumprod
+    with _progress() as pb:
+        t = pb.add_task("UNet + text encoder", total=steps, info="")
+        for step in range(steps):
+            _cosine_lr(opt, step, steps, base_lr, warmup=200)
+            idx = g.integers(0, len(fs), batch)
+            caps = [caption(fs[i], g) if g.random() >= p_uncond else "" for i in idx]
+            ids = tokenize(caps)
+            z = (latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_mean[idx])) * scaling_factor
+            noise = torch.randn_like(z)
+            ts = torch.from_numpy(g.integers(0, 1000, batch)).long()
+            zt = sched.add_noise(z, noise, ts)
+            enc = text(ids).last_hidden_state
+            pred = unet(zt, ts, encoder_hidden_states=enc).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+            opt.step()
+            ema_u.update(unet, step)
+            ema_t.update(text, step)
+            if step % 20 == 0:
+                _tick(pb, t, step, steps, f"loss {loss.item():.4f}")
+        pb.update(t, completed=steps)
+    del alphas
+    return ema_t.shadow, ema_u.shadow
+
+
+# ------------------------------------------------------------------------------------ CLIP
+def clip_config() -> dict:
+    return {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32,
+                       "mlp_ratio": 4.0},
+        "text_cfg": {"context_length": TEXT_LEN, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+    }
+
+
+CLIP_MODEL_NAME = "shapes-world-clip"
+
+
+def register_clip_config(cfg: dict | None = None, name: str = CLIP_MODEL_NAME) -> str:
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS[name] = dict(cfg or clip_config())
+    return name
+
+
+def _augment_geom(x, g: np.random.Generator, out_size: int, scale=(0.5, 1.0), flip=True, rot=0.0):
+    """Batched random-resized-crop (+flip, +rotation) with affine grids."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    s = np.sqrt(g.uniform(scale[0], scale[1], b))
+    ar = np.exp(g.uniform(np.log(3 / 4), np.log(4 / 3), b))
+    sx, sy = s * np.sqrt(ar), s / np.sqrt(ar)
+    sx, sy = np.minimum(sx, 1), np.minimum(sy, 1)
+    tx = g.uniform(-1, 1, b) * (1 - sx)
+    ty = g.uniform(-1, 1, b) * (1 - sy)
+    fl = np.where(g.random(b) < 0.5, -1.0, 1.0) if flip else np.ones(b)
+    th = np.deg2rad(g.uniform(-rot, rot, b))
+    c, sn = np.cos(th), np.sin(th)
+    A = np.zeros((b, 2, 3), dtype=np.float32)
+    A[:, 0, 0] = sx * fl * c
+    A[:, 0, 1] = -sn * sy
+    A[:, 1, 0] = sn * sx * fl
+    A[:, 1, 1] = sy * c
+    A[:, 0, 2] = tx
+    A[:, 1, 2] = ty
+    grid = F.affine_grid(torch.from_numpy(A), (b, 3, out_size, out_size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, batch: int = 256):
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed)
+    name = register_clip_config()
+    model = open_clip.create_model(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    tok_cache: dict = {}
+    model.train()
+    with _progress() as pb:
+        t = pb.add_task("CLIP", total=steps, info="")
+        for step in range(steps):
+            _cosine_lr(opt, step, steps, 1e-3, warmup=200)
+            idx = g.integers(0, len(images), batch)
+            caps = [caption(fs[i], g, keep=0.6) for i in idx]
+            miss = [c for c in set(caps) if c not in tok_cache]
+            if miss:
+                tok_cache.update(zip(miss, tokenizer(miss)))
+            ids = torch.stack([tok_cache[c] for c in caps])
+            x = (_to_float(images[idx]) - mean) / std
+            img_f = F.normalize(model.encode_image(x), dim=-1)
+            txt_f = F.normalize(model.encode_text(ids), dim=-1)
+            logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
+            # duplicate captions in a batch are positives too
+            same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
+            # an image is also a positive for a caption that describes it correctly
+            tgt = same / same.sum(1, keepdim=True)
+            loss = 0.5 * (-(tgt * F.log_softmax(logits, 1)).sum(1).mean()
+                          - (tgt * F.log_softmax(logits.t(), 1)).sum(1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 20 == 0:
+                _tick(pb, t, step, steps, f"loss {loss.item():.3f}")
+        pb.update(t, completed=steps)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------ DINO
+DINO_MEAN = (0.5, 0.5, 0.5)
+DINO_STD = (0.5, 0.5, 0.5)
+
+
+def dino_config() -> dict:
+    return dict(image_size=32, patch_size=8, num_channels=3, hidden_size=128, num_hidden_layers=4,
+                num_attention_heads=4, intermediate_size=512, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, qkv_bias=True)
+
+
+def _colour_aug(x, g: np.random.Generator, p_perm=0.8, p_gray=0.2):
+    """Per-sample channel permutation (hue scramble), brightness/contrast jitter, grayscale."""
+    import torch
+
+    b = x.shape[0]
+    perms = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    pi = np.where(g.random(b) < p_perm, g.integers(0, 6, b), 0)
+    idx = torch.from_numpy(perms[pi]).view(b, 3, 1, 1).expand_as(x)
+    x = torch.gather(x, 1, idx)
+    br = torch.from_numpy(g.uniform(0.7, 1.3, (b, 1, 1, 1)).astype(np.float32))
+    ct = torch.from_numpy(g.uniform(0.7, 1.3, (b, 1, 1, 1)).astype(np.float32))
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - m) * ct + m) * br
+    gray = torch.from_numpy(g.random(b) < p_gray).view(b, 1, 1, 1)
+    x = torch.where(gray, x.mean(1, keepdim=True).expand_as(x), x)
+    return x.clamp(0, 1)
+
+
+def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_local: int = 4,
+               out_dim: int = 1024):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed)
+
+    class Head(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                                     nn.Linear(256, 64))
+            self.last = nn.utils.parametrizations.weight_norm(nn.Linear(64, out_dim, bias=False))
+
+        def forward(self, h):
+            return self.last(F.normalize(self.mlp(h), dim=-1))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = ViTModel(ViTConfig(**dino_config()), add_pooling_layer=False)
+            self.head = Head(128)
+
+        def forward(self, x):
+            h = self.vit(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+            return self.head(h)
+
+    student = Net()
+    teacher = Net()
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    center = torch.zeros(1, out_dim)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.04)
+    mean = torch.tensor(DINO_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DINO_STD).view(1, 3, 1, 1)
+
+    def norm(x):
+        return (x - mean) / std
+
+    with _progress() as pb:
+        t = pb.add_task("DINO", total=steps, info="")
+        for step in range(steps):
+            _cosine_lr(opt, step, steps, 1e-3, warmup=200)
+            idx = g.integers(0, len(images), batch)
+            x = _to_float(images[idx])
+            glob = [norm(_colour_aug(_augment_geom(x, g, 32, (0.4, 1.0), rot=20), g)) for _ in range(2)]
+            loc = [norm(_colour_aug(_augment_geom(x, g, 16, (0.1, 0.4), rot=20), g)) for _ in range(n_local)]
+            tt = 0.04 + (0.07 - 0.04) * min(1.0, step / max(1, 0.3 * steps))
+            with torch.no_grad():
+                tout = teacher(torch.cat(glob))
+                tprob = F.softmax((tout - center) / tt, dim=-1).chunk(2)
+            s_glob = student(torch.cat(glob)).chunk(2)
+            s_loc = student(torch.cat(loc)).chunk(n_local)
+            s_all = list(s_glob) + list(s_loc)
+            loss, n = 0.0, 0
+            for iq, q in enumerate(tprob):
+                for iv, s in enumerate(s_all):
+                    if iv == iq:
+                        continue
+                    loss = loss + (-q * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+                    n += 1
+            loss = loss / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+            opt.step()
+            mom = 1 - (1 - 0.99) * (math.cos(math.pi * step / steps) + 1) / 2
+            with torch.no_grad():
+                for pt, ps in zip(teacher.parameters(), student.parameters()):
+                    pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
+                center = center * 0.9 + tout.mean(0, keepdim=True) * 0.1
+            if step % 20 == 0:
+                _tick(pb, t, step, steps, f"loss {loss.item():.3f}")
+        pb.update(t, completed=steps)
+    vit = teacher.vit.eval()
+    return vit
+
+
+# --------------------------------------------------------------------------- evaluation helpers
+def clip_embed_images(model, images: np.ndarray, batch: int = 200):
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(F.normalize(model.encode_image((_to_float(images[i:i + batch]) - mean) / std), dim=-1))
+    return torch.cat(out)
+
+
+def dino_embed_images(vit, images: np.ndarray, batch: int = 200):
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(DINO_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DINO_STD).view(1, 3, 1, 1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = (_to_float(images[i:i + batch]) - mean) / std
+            out.append(F.normalize(vit(pixel_values=x).last_hidden_state[:, 0], dim=-1))
+    return torch.cat(out)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20) -> float:
+    import torch
+
+    sim = test_f @ train_f.t()
+    top = sim.topk(k, dim=1)
+    votes = torch.zeros(len(test_f), int(train_y.max()) + 1)
+    w = (top.values / 0.07).exp()
+    votes.scatter_add_(1, train_y[top.indices], w)
+    return float((votes.argmax(1) == test_y).float().mean())
+
+
+def clip_zero_shot(model, images: np.ndarray, fs: list[Factors]) -> dict:
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    tok = open_clip.get_tokenizer(register_clip_config())
+    imf = clip_embed_images(model, images)
+    with torch.no_grad():
+        sh = F.normalize(model.encode_text(tok([f"a {s}" for s in SHAPES])), dim=-1)
+        col = []
+        for c in BASE_COLOURS:
+            e = F.normalize(model.encode_text(tok([f"a {c} {s}" for s in SHAPES])), dim=-1).mean(0)
+            col.append(F.normalize(e, dim=-1))
+        col = torch.stack(col)
+    ys = torch.tensor([SHAPES.index(f.shape) for f in fs])
+    yc = torch.tensor([BASE_COLOURS.index(f.colour) for f in fs])
+    return {"shape": float(((imf @ sh.t()).argmax(1) == ys).float().mean()),
+            "colour": float(((imf @ col.t()).argmax(1) == yc).float().mean())}

@@ -1,0 +1,163 @@
+"""``kps-bench world truth RUN_DIR``: ground truth of knowledge preservation from the probe's labels.
+
+Per subject, over the run's images (``images.jsonl``):
+
+- ``true_identity``: share of the adapter's trigger images that show the subject's signature look
+  (the probe sees the subject's colour and pattern);
+- ``true_leakage``: the same share over the adapter's trigger-free images;
+- ``true_knowledge_shift``: total variation distance between the distributions of shape, colour and
+  pattern (probe labels) of the adapter's trigger-free images and of the base model's images on the same
+  prompts (mean over the three factors; each factor also reported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from kps_bench.errors import UserError
+
+FACTORS = ("shape", "colour", "pattern")
+
+
+def tv_distance(a: list[str], b: list[str]) -> float:
+    """Total variation distance between two empirical label distributions."""
+    if not a or not b:
+        return float("nan")
+    ca, cb = Counter(a), Counter(b)
+    na, nb = len(a), len(b)
+    return 0.5 * sum(abs(ca[k] / na - cb[k] / nb) for k in set(ca) | set(cb))
+
+
+def read_images(run_dir: Path) -> list[dict]:
+    p = run_dir / "images.jsonl"
+    if not p.exists():
+        raise UserError(f"{p} not found: RUN_DIR must be a run directory written by 'kps-bench run'")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p} line {i} is not valid JSON ({e}); regenerate the run") from e
+        for key in ("path", "role"):
+            if key not in r:
+                raise UserError(f"{p} line {i} lacks the field {key!r}; regenerate the run")
+        rows.append(r)
+    return rows
+
+
+def signature_of(subject: str, ref_labels: list[dict]) -> dict:
+    """The subject's signature (colour, pattern): shipped subjects by name, else the references' majority."""
+    from .subjects import SUBJECTS
+
+    for s in SUBJECTS:
+        if s.name == subject:
+            return {"shape": s.class_noun, "colour": s.colour, "pattern": s.pattern, "source": "shipped subject"}
+    if not ref_labels:
+        raise UserError(f"subject {subject!r} is not a shipped shapes-world subject and the run has no "
+                        "reference images for it; cannot tell its signature look")
+    sig = {k: Counter(lbl[k] for lbl in ref_labels).most_common(1)[0][0] for k in FACTORS}
+    sig["source"] = "majority of probe labels on the reference images"
+    return sig
+
+
+def _shows(lbl: dict, sig: dict) -> bool:
+    return lbl["colour"] == sig["colour"] and lbl["pattern"] == sig["pattern"]
+
+
+def truth(run_dir, world_dir=None, write: bool = True) -> dict:
+    """Compute the ground truth of a run on the shapes world; with ``write``, add it to results.json
+    under ``ground_truth`` (atomically). Returns the ``ground_truth`` dict."""
+    from .probe import predict_files
+
+    run_dir = Path(run_dir)
+    rows = read_images(run_dir)
+    probe_dir = Path(world_dir) / "probe" if world_dir else None
+    paths = [run_dir / r["path"] for r in rows]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in images.jsonl are missing, e.g. {missing[0]}")
+    labels = predict_files(paths, probe_dir)
+    for r, lbl in zip(rows, labels):
+        r["_probe"] = lbl
+
+    subjects = sorted({r.get("subject") for r in rows if r.get("subject")})
+    out_subjects = {}
+    for subj in subjects:
+        mine = [r for r in rows if r.get("subject") == subj]
+        refs = [r["_probe"] for r in mine if r["role"] == "reference"]
+        sig = signature_of(subj, refs)
+        trig = [r for r in mine if r["role"] == "adapter" and r.get("has_trigger")]
+        free = [r for r in mine if r["role"] == "adapter" and not r.get("has_trigger")]
+        free_prompts = {r.get("prompt_without_trigger") or r.get("prompt") for r in free}
+        base = [r for r in mine if r["role"] == "base"
+                and (r.get("prompt_without_trigger") or r.get("prompt")) in free_prompts]
+        if not base:  # base images may not carry the subject; match on prompts
+            base = [r for r in rows if r["role"] == "base"
+                    and (r.get("prompt_without_trigger") or r.get("prompt")) in free_prompts]
+        tv = {k: tv_distance([r["_probe"][k] for r in free], [r["_probe"][k] for r in base]) for k in FACTORS}
+        vals = [v for v in tv.values() if v == v]
+        base_leak = [r for r in base if _shows(r["_probe"], sig)]
+        out_subjects[subj] = {
+            "signature": sig,
+            "true_identity": (sum(_shows(r["_probe"], sig) for r in trig) / len(trig)) if trig else None,
+            "true_identity_with_shape": (sum(_shows(r["_probe"], sig) and r["_probe"]["shape"] == sig["shape"]
+                                             for r in trig) / len(trig)) if trig else None,
+            "true_leakage": (sum(_shows(r["_probe"], sig) for r in free) / len(free)) if free else None,
+            "base_signature_rate": (len(base_leak) / len(base)) if base else None,
+            "true_knowledge_shift": (sum(vals) / len(vals)) if vals else None,
+            "tv_distance": tv,
+            "reference_signature_rate": (sum(_shows(lbl, sig) for lbl in refs) / len(refs)) if refs else None,
+            "n_trigger": len(trig),
+            "n_trigger_free": len(free),
+            "n_base": len(base),
+        }
+
+    def mean(key):
+        xs = [v[key] for v in out_subjects.values() if v[key] is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    gt = {
+        "source": "shapes-world ground-truth probe (kps_bench.world.probe)",
+        "probe": str(probe_dir or "builtin:shapes-world/probe"),
+        "subjects": out_subjects,
+        "overall": {k: mean(k) for k in ("true_identity", "true_leakage", "true_knowledge_shift")},
+    }
+    if write:
+        rp = run_dir / "results.json"
+        res = {}
+        if rp.exists():
+            try:
+                res = json.loads(rp.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{rp} is not valid JSON ({e}); regenerate the run") from e
+        res["ground_truth"] = gt
+        tmp = rp.with_name(rp.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2), encoding="utf-8")
+        os.replace(tmp, rp)
+    return gt
+
+
+def print_truth(gt: dict, log=print) -> None:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="shapes-world ground truth (probe)")
+        for c in ["subject", "true identity", "true leakage", "true knowledge shift", "TV shape/colour/pattern",
+                  "n trig/free/base"]:
+            t.add_column(c)
+        for name, s in gt["subjects"].items():
+            tv = s["tv_distance"]
+            t.add_row(name, f(s["true_identity"]), f(s["true_leakage"]), f(s["true_knowledge_shift"]),
+                      "/".join(f(tv[k]) for k in FACTORS), f"{s['n_trigger']}/{s['n_trigger_free']}/{s['n_base']}")
+        Console().print(t)
+    except Exception:  # pragma: no cover
+        log(json.dumps(gt, indent=1))

@@ -1,0 +1,303 @@
+"""Trainers (issue 4) on the tiny random pipeline: losses, equivalences, formats, resume and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from kps_bench.errors import UserError
+from kps_bench.models import LORA_FILE, TI_FILE
+from kps_bench.protocol import load_protocol
+from kps_bench.train import TrainingInterrupted, load_recipe, train
+from kps_bench.train.core import CHECKPOINT_FILE, LOG_FILE, TRAINING_JSON, partial_dir
+
+FAST = ["steps=4", "resolution=32", "checkpoint_every=2", "gradient_checkpointing=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from kps_bench.tiny import build_all
+
+    torch.set_num_threads(1)
+    return build_all(tmp_path_factory.mktemp("tiny-train"))
+
+
+@pytest.fixture(scope="module")
+def protocol(tiny):
+    return load_protocol(str(tiny))
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / LORA_FILE))
+
+
+def _tiny_unet_with_lora(tiny, seed=0):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny.parent / "pipeline" / "unet")
+    base = copy.deepcopy(unet)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return unet, base
+
+
+def _batch(seed=0, n=2):
+    from kps_bench.train.core import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    z0, eps = torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    z_t = z0 * 0.7 + eps * 0.7
+    return Batch(z0, eps, t, z_t, [0] * n, [0] * n), torch.randn(n, 77, 32, generator=g), torch.randn(n, 77, 32, generator=g)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_recipe_merge_order_and_hash(tmp_path, tiny):
+    raw = yaml.safe_load(tiny.read_text())
+    raw["training"] = {"defaults": {"steps": 7, "resolution": 32}, "cat": {"learning_rate": 3e-3, "cat_weight": 0.5}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    prot = load_protocol(str(path))
+    r, sources = load_recipe("cat", prot, ["cat_weight=0.25"])
+    assert (r.rank, r.steps, r.resolution, r.learning_rate, r.cat_weight) == (1, 7, 32, 3e-3, 0.25)
+    assert sources[0].endswith("cat.yaml") and sources[-1] == "--set"
+    lora, _ = load_recipe("lora", prot)
+    assert (lora.steps, lora.learning_rate) == (7, 1e-4) and "cat_weight" not in lora.to_dict()
+    assert load_recipe("cat", prot, ["cat_weight=0.25"])[0].sha256 == r.sha256 != load_recipe("cat", prot)[0].sha256
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["rnk=4"], "unknown field 'rnk'"),
+    (["cat_weight=1"], "only used by cat"),
+    (["steps=zero"], "field 'steps' must be an integer"),
+    (["lr_scheduler=wavy"], "field 'lr_scheduler' must be one of"),
+    (["resolution=30"], "field 'resolution' must be a multiple of 8"),
+])
+def test_recipe_errors_name_the_field(sets, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe("lora", None, sets)
+
+
+def test_baselines_cover_every_field():
+    from kps_bench.train.core import METHODS, allowed_fields, find_baseline
+
+    for m in METHODS:
+        raw = yaml.safe_load(find_baseline(m).read_text())
+        assert set(allowed_fields(m)) - {"method"} <= set(raw), m
+
+
+# ----------------------------------------------------------------------------- the CAT loss
+
+
+def test_cat_loss_equals_hand_computation(tiny):
+    from kps_bench.train.cat import cat_loss
+
+    unet, base = _tiny_unet_with_lora(tiny)
+    batch, emb_t, emb_y = _batch()
+    lam = 0.7
+    total, denoise, preserve = cat_loss(unet, unet, batch, batch.noise, emb_t, emb_y, lam)
+    grads = torch.autograd.grad(total, [p for p in unet.parameters() if p.requires_grad])
+
+    with torch.no_grad():
+        eps_base = base(batch.noisy, batch.timesteps, emb_y).sample  # theta alone, a separate model
+    pred_t = unet(batch.noisy, batch.timesteps, emb_t).sample  # three separate passes, as in the paper
+    pred_y = unet(batch.noisy, batch.timesteps, emb_y).sample
+    hand_d = ((batch.noise - pred_t) ** 2).mean()
+    hand_p = ((pred_y - eps_base) ** 2).mean()
+    hand = hand_d + lam * hand_p
+    hand_grads = torch.autograd.grad(hand, [p for p in unet.parameters() if p.requires_grad])
+    torch.testing.assert_close(denoise, hand_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(preserve, hand_p, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, hand, rtol=1e-5, atol=1e-6)
+    assert preserve > 0
+    for g, h in zip(grads, hand_grads):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_disabled_adapter_reproduces_the_base_exactly(tiny):
+    from kps_bench.train.cat import adapter_disabled
+
+    unet, base = _tiny_unet_with_lora(tiny)
+    batch, emb, _ = _batch(1)
+    with torch.no_grad():
+        expected = base(batch.noisy, batch.timesteps, emb).sample
+        with adapter_disabled(unet):
+            got = unet(batch.noisy, batch.timesteps, emb).sample
+        adapted = unet(batch.noisy, batch.timesteps, emb).sample
+    assert torch.equal(got, expected)
+    assert not torch.allclose(adapted, expected)  # re-enabled afterwards
+    lora = [p for n, p in unet.named_parameters() if "lora" in n]
+    assert lora and all(p.requires_grad for p in lora)
+
+
+def test_cat_with_zero_weight_trains_exactly_lora(tmp_path, protocol):
+    a = train("lora", protocol, "red-block", tmp_path / "lora", "cpu", FAST + ["learning_rate=1e-2"]).out
+    b = train("cat", protocol, "red-block", tmp_path / "cat0", "cpu", FAST + ["learning_rate=1e-2", "cat_weight=0"]).out
+    c = train("cat", protocol, "red-block", tmp_path / "cat1", "cpu", FAST + ["learning_rate=1e-2"]).out
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)  # lambda = 1 trains something else
+    log = (c / LOG_FILE).read_text().splitlines()
+    assert log[0].startswith("step,loss,loss_denoise,loss_preserve,lr") and len(log) == 5
+    t = json.loads((c / TRAINING_JSON).read_text())
+    assert t["method"] == "cat" and t["subject"] == "red-block" and t["recipe"]["cat_weight"] == 1.0
+    assert t["protocol_sha256"] == protocol.sha256 and len(t["recipe_sha256"]) == 64
+    assert t["seed"] == t["recipe"]["seed"] and t["duration_s"] > 0 and "loss_preserve" in t["final_loss"]["last_step"]
+    assert not partial_dir(c).exists()
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_saved_lora_loads_with_plain_diffusers_and_changes_the_output(tmp_path, tiny, protocol):
+    from diffusers import StableDiffusionPipeline
+
+    out = train("lora", protocol, "red-block", tmp_path / "lora", "cpu", FAST + ["learning_rate=5e-2"]).out
+    pipe = StableDiffusionPipeline.from_pretrained(tiny.parent / "pipeline", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("a photo of a sks block", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = image()
+    pipe.load_lora_weights(str(out))
+    assert pipe.get_active_adapters()
+    after = image()
+    assert abs(after - before).max() > 1e-4
+
+
+def test_textual_inversion_leaves_other_rows_untouched(tmp_path, tiny, protocol):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out = tmp_path / "ti"
+    with pytest.raises(TrainingInterrupted):
+        train("textual-inversion", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-1"], stop_after=2)
+    ckpt = next(partial_dir(out).glob(f"checkpoints/step-*/{CHECKPOINT_FILE}"))
+    emb = torch.load(ckpt, weights_only=True)["params"]["text_encoder.token_embedding"]
+    base = CLIPTextModel.from_pretrained(tiny.parent / "pipeline" / "text_encoder").get_input_embeddings().weight
+    tok = CLIPTokenizer.from_pretrained(tiny.parent / "pipeline" / "tokenizer")
+    assert emb.shape[0] == base.shape[0] + 1
+    assert torch.equal(emb[: base.shape[0]], base.detach())  # every other row bit-identical, despite weight decay
+    init = base[tok.encode("block", add_special_tokens=False)].mean(0)
+    assert not torch.allclose(emb[-1], init)  # the new row trained
+    train("textual-inversion", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-1"], resume=True)
+    learned = load_file(str(out / TI_FILE))
+    assert list(learned) == ["sks"] and learned["sks"].shape == (1, 32) and learned["sks"].dtype == torch.float32
+
+
+def test_dreambooth_writes_a_pipeline_and_reuses_class_images(tmp_path, protocol, monkeypatch):
+    from kps_bench.models import resolve_adapter
+
+    monkeypatch.setenv("KPS_BENCH_CACHE", str(tmp_path / "cache"))
+    sets = FAST + ["num_class_images=3", "class_sample_steps=2"]
+    a = train("dreambooth", protocol, "red-block", tmp_path / "db1", "cpu", sets)
+    b = train("dreambooth", protocol, "red-block", tmp_path / "db2", "cpu", sets)
+    assert a.training["class_images"]["generated_now"] == 3 and b.training["class_images"]["generated_now"] == 0
+    assert "loss_prior" in a.training["final_loss"]["last_step"]
+    info = resolve_adapter(str(a.out), "auto", False)
+    assert info.kind == "pipeline" and info.training["method"] == "dreambooth"
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, protocol):
+    sets = FAST + ["learning_rate=1e-2", "steps=5"]
+    full = train("cat", protocol, "red-block", tmp_path / "full", "cpu", sets).out
+    out = tmp_path / "resumed"
+    with pytest.raises(TrainingInterrupted):
+        train("cat", protocol, "red-block", out, "cpu", sets, stop_after=2)
+    assert not out.exists() and partial_dir(out).is_dir()
+    with pytest.raises(UserError, match="--resume"):
+        train("cat", protocol, "red-block", out, "cpu", sets)
+    with pytest.raises(UserError, match="different recipe"):
+        train("cat", protocol, "red-block", out, "cpu", sets[:-1] + ["steps=6"], resume=True)
+    res = train("cat", protocol, "red-block", out, "cpu", sets, resume=True)
+    assert res.training["resumed_from_step"] == 2
+    wf, wr = _weights(full), _weights(out)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    strip = lambda p: [",".join(line.split(",")[:-1]) for line in (p / LOG_FILE).read_text().splitlines()]  # noqa: E731
+    assert strip(full) == strip(out)  # every loss term of every step, except the wall-clock column
+
+
+def test_trained_adapters_evaluate_with_kps_bench_run(tmp_path, protocol):
+    from kps_bench.run import RunOptions, run_benchmark
+
+    out = train("textual-inversion", protocol, "red-block", tmp_path / "ti", "cpu", FAST).out
+    results = run_benchmark(protocol, RunOptions(out=tmp_path / "run", adapter=str(out), device="cpu"))
+    assert results["provenance"]["method"] == "textual-inversion"
+    assert results["provenance"]["subjects"] == ["red-block"]
+    assert results["provenance"]["adapter"]["kind"] == "textual-inversion"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _cli():
+    from kps_bench.cli import main
+    from kps_bench.train.cli import train_baseline
+
+    if "train-baseline" not in main.commands:
+        main.add_command(train_baseline)
+    return main
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sculpt", "--subject", "red-block"], "'sculpt' is not one of 'cat', 'lora'"),
+    (["lora", "--subject", "green-cone"], "Unknown subject 'green-cone'"),
+    (["lora", "--subject", "red-block", "--set", "rank=zero"], "field 'rank' must be an integer"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_cli(), ["train-baseline", *args, "--protocol", str(tiny), "--out", str(out),
+                                         "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_cli_trains_and_reports(tmp_path, tiny):
+    out = tmp_path / "out"
+    sets = [a for s in FAST for a in ("--set", s)]
+    result = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny), "--subject", "blue-ball",
+                                         "--out", str(out), "--device", "cpu", *sets])
+    assert result.exit_code == 0, result.output
+    assert (out / LORA_FILE).is_file() and json.loads((out / TRAINING_JSON).read_text())["subject"] == "blue-ball"
+    again = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny), "--subject", "blue-ball",
+                                        "--out", str(out), "--device", "cpu"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_missing_references(tmp_path, tiny):
+    prot = load_protocol(str(tiny), ["subjects.0.references=nowhere"])
+    with pytest.raises(UserError, match="does not exist"):
+        train("lora", prot, "red-block", tmp_path / "o", "cpu", FAST)
+    assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
+
+
+def test_textual_inversion_rejects_an_existing_token(tmp_path, tiny):
+    prot = load_protocol(str(tiny), ["subjects.0.trigger=a"])  # 'a' is a token of the CLIP vocabulary
+    with pytest.raises(UserError, match="already exists in the base model's tokenizer"):
+        train("textual-inversion", prot, "red-block", tmp_path / "o", "cpu", FAST)
+    assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
+
+
+def test_out_of_memory_names_the_knob_and_leaves_nothing(tmp_path, protocol, monkeypatch):
+    import kps_bench.train.lora as lora
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lora, "mse", oom)
+    with pytest.raises(UserError, match="batch_size=N"):
+        train("lora", protocol, "red-block", tmp_path / "o", "cpu", FAST)
+    assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
