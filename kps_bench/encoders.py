@@ -54,9 +54,10 @@ def _open_clip_config(arch: str) -> tuple[str, dict | None, Path | None]:
                         f"and text_cfg (optionally under 'model_cfg').")
     name = "kps-" + hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:16]
     if name not in open_clip.list_models():
-        tmp = Path(tempfile.mkdtemp(prefix="kps-open-clip-"))
-        (tmp / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
-        open_clip.add_model_config(tmp / f"{name}.json")
+        # open_clip registers configs by file name; the registry keeps the config once read
+        with tempfile.TemporaryDirectory(prefix="kps-open-clip-") as tmp:
+            (Path(tmp) / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
+            open_clip.add_model_config(Path(tmp) / f"{name}.json")
     return name, preprocess, p.parent
 
 
