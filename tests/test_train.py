@@ -229,14 +229,19 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, protocol
     assert strip(full) == strip(out)  # every loss term of every step, except the wall-clock column
 
 
-def test_trained_adapters_evaluate_with_kps_bench_run(tmp_path, protocol):
+@pytest.mark.parametrize("method, kind", [("cat", "lora"), ("textual-inversion", "textual-inversion"),
+                                          ("dreambooth", "pipeline")])
+def test_trained_adapters_evaluate_with_kps_bench_run(tmp_path, protocol, monkeypatch, method, kind):
     from kps_bench.run import RunOptions, run_benchmark
 
-    out = train("textual-inversion", protocol, "red-block", tmp_path / "ti", "cpu", FAST).out
+    monkeypatch.setenv("KPS_BENCH_CACHE", str(tmp_path / "cache"))
+    out = train(method, protocol, "blue-ball", tmp_path / "a", "cpu",
+                FAST + (["num_class_images=2", "class_sample_steps=2"] if method == "dreambooth" else [])).out
     results = run_benchmark(protocol, RunOptions(out=tmp_path / "run", adapter=str(out), device="cpu"))
-    assert results["provenance"]["method"] == "textual-inversion"
-    assert results["provenance"]["subjects"] == ["red-block"]
-    assert results["provenance"]["adapter"]["kind"] == "textual-inversion"
+    assert results["provenance"]["method"] == method
+    assert results["provenance"]["subjects"] == ["blue-ball"]
+    assert results["provenance"]["adapter"]["kind"] == kind
+    assert results["counts"]["adapter"] > 0
 
 
 # ----------------------------------------------------------------------------- bad input

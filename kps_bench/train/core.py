@@ -401,6 +401,7 @@ class Trainer:
         self.extra["reference_images"] = [p.name for p in refs]
         self.gen = torch.Generator("cpu").manual_seed(r.seed + 1_000_003 * self.accelerator.process_index)
         torch.manual_seed(r.seed)  # adapter initialisation (peft's kaiming init) draws from the global RNG
+        self.accelerator.wait_for_everyone()  # every process has checked OUT / OUT.partial before one creates it
 
     # ---- data
 
@@ -728,7 +729,7 @@ def work_folder(trainer: Trainer):
     trainer.work.mkdir(parents=True, exist_ok=True)
     try:
         yield trainer.work
-    except (UserError, KeyboardInterrupt, Exception) as e:
+    except BaseException as e:
         if isinstance(e, TrainingInterrupted):
             raise
         if created and trainer.latest_checkpoint() is None and trainer.work.exists():

@@ -30,6 +30,10 @@ def write_model_card(world) -> Path:
         f"{b.get('platform', '?')}",
         f"- Seeds: {b.get('seeds', {})}",
         f"- Training steps: {b.get('steps', {})}; images rendered: {b.get('n_images', {})}",
+    ]
+    for note in b.get("notes", []):
+        lines.append(f"- Note: {note}")
+    lines += [
         "",
         "## Domain",
         "",
@@ -68,6 +72,11 @@ def write_model_card(world) -> Path:
         lines += [markdown_table(c), "",
                   f"Measured {c.get('measured_utc', '?')} with n={c['n']}; generation speed "
                   f"{c['details']['images_per_second']} images/s; all passed: {c['all_passed']}."]
+        failed = [g["gate"] for g in c["gates"] if not g["passed"]]
+        if failed:
+            lines += ["", "**Gates not met by this build:** " + "; ".join(failed) + ". See Known limitations."]
+    if b.get("limitations"):
+        lines += ["", "## Known limitations", ""] + [f"- {x}" for x in b["limitations"]]
     else:
         lines.append("Not measured yet.")
     p = world / "MODEL_CARD.md"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import BACKGROUNDS, BASE_COLOURS, SHAPES, sample_dataset
+from .render import BACKGROUNDS, BASE_COLOURS, COLOURS, SHAPES, sample_dataset
 
 HELDOUT_SEED = 3
 BANK_SEED = 4
@@ -120,8 +120,9 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
     cimgs, sec2 = generate(pipe, [f"a {s}" for s in cls], GEN_SEED + 7919)
     cp = predict(cimgs, world / "probe")
     gate("base class prompts: shape", np.mean([p["shape"] == s for p, s in zip(cp, cls)]), 0.90, n_img=n_cls)
-    ent = _norm_entropy([p["colour"] for p in cp], len(BASE_COLOURS))
-    per_shape = [_norm_entropy([p["colour"] for p, s in zip(cp, cls) if s == sh], len(BASE_COLOURS))
+    # normalised by the log of the number of colour labels the probe can give (11), so it lies in [0, 1]
+    ent = _norm_entropy([p["colour"] for p in cp], len(COLOURS))
+    per_shape = [_norm_entropy([p["colour"] for p, s in zip(cp, cls) if s == sh], len(COLOURS))
                  for sh in SHAPES]
     gate("base class prompts: colour entropy (normalised)", ent, 0.70, n_img=n_cls)
     leak_rates = {}

@@ -27,9 +27,10 @@ def build_cmd(out: str, scale: float, no_check: bool) -> None:
               help="World folder (default: the shipped shapes world).")
 @click.option("--n", default=200, show_default=True, type=int, help="Images per gate.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Write the gates as JSON here (default: <world>/check.json for a built world folder given with --world).")
+              help="Write the gates as JSON here (default: <world>/check.json).")
 def check_cmd(world_dir: str | None, n: int, json_path: str | None) -> None:
-    """Measure and print the quality gates of the shapes world."""
+    """Measure and print the quality gates of the shapes world (and write them as JSON)."""
+    import os
     from pathlib import Path
 
     from kps_bench.errors import UserError
@@ -42,7 +43,10 @@ def check_cmd(world_dir: str | None, n: int, json_path: str | None) -> None:
         if not (w / sub).exists():
             raise UserError(f"{w / sub} is missing: --world must be a folder written by 'kps-bench world build --out DIR'")
     if json_path is None:
-        json_path = str(w / "check.json") if world_dir else None
+        json_path = str(w / "check.json")
+        if not os.access(w, os.W_OK):
+            click.echo(f"{w} is not writable; not writing check.json (use --json FILE)")
+            json_path = None
     res = check(w, n=n, json_path=json_path, log=click.echo)
     if json_path:
         click.echo(f"wrote {json_path}")

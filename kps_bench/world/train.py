@@ -17,6 +17,7 @@ from .render import (BACKGROUNDS, BASE_COLOURS, COLOURS, PATTERNS, SHAPES, SIZES
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_LEN = 24  # tokens (tokenizer model_max_length == text encoder max_position_embeddings)
+LATENT_CH = 4
 
 
 def _progress():
@@ -57,10 +58,14 @@ def _cosine_lr(opt, step, total, base, warmup=100):
 def vae_config() -> dict:
     return dict(in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=32)
+                latent_channels=LATENT_CH, layers_per_block=1, norm_num_groups=32, sample_size=32)
 
 
-def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64, log=print):
+def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64, log=print, lr: float = 1e-3,
+              latent_noise: float = 0.1):
+    """Train the VAE as a near-deterministic autoencoder: the decoder sees the posterior mean plus
+    small Gaussian noise (``latent_noise``, which also makes it robust to imperfect diffusion latents),
+    with a light penalty on the latent norm instead of the (very slow to converge) sampled-KL setup."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
@@ -68,20 +73,20 @@ def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64, log=pr
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
     vae = AutoencoderKL(**vae_config())
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     x_all = images
     vae.train()
     with _progress() as pb:
         t = pb.add_task("VAE", total=steps, info="")
         for step in range(steps):
-            _cosine_lr(opt, step, steps, 1e-3)
+            _cosine_lr(opt, step, steps, lr)
             idx = g.integers(0, len(x_all), batch)
             x = _to_float(x_all[idx]) * 2 - 1
             post = vae.encode(x).latent_dist
-            z = post.sample()
+            z = post.mean
+            z = z + latent_noise * z.detach().std() * torch.randn_like(z)
             rec = vae.decode(z).sample
-            kl = post.kl().mean() / (3 * 32 * 32)
-            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * post.mean.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,7 +160,7 @@ def _blur_noise(x, g: np.random.Generator):
 
 
 def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, recon: np.ndarray | None = None,
-                batch: int = 128):
+                batch: int = 128, init=None, lr: float = 2e-3):
     import torch
     import torch.nn.functional as F
 
@@ -163,14 +168,14 @@ def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, re
 
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
-    m = build_probe()
+    m = build_probe() if init is None else init
     labels = {k: torch.from_numpy(v) for k, v in _factor_labels(fs).items()}
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4)
     m.train()
     with _progress() as pb:
         t = pb.add_task("probe", total=steps, info="")
         for step in range(steps):
-            _cosine_lr(opt, step, steps, 2e-3)
+            _cosine_lr(opt, step, steps, lr)
             if recon is not None and g.random() < 0.5:
                 idx = g.integers(0, len(recon), batch)
                 x = _to_float(recon[idx])
@@ -229,8 +234,10 @@ class _Ema:
 
 
 def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_factor: float, steps: int,
-              seed: int, batch: int = 128, p_uncond: float = 0.1):
-    """Jointly train a CLIPTextModel (from scratch) and a UNet2DConditionModel (epsilon objective)."""
+              seed: int, batch: int = 112, p_uncond: float = 0.1, init=None, base_lr: float = 5e-4,
+              warmup: int = 200):
+    """Jointly train a CLIPTextModel (from scratch, or continue from ``init=(text, unet)``) and a
+    UNet2DConditionModel with the epsilon objective and caption dropout ``p_uncond``."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -238,11 +245,13 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
 
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
-    text = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
-    unet = UNet2DConditionModel(**unet_config())
+    if init is None:
+        text = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
+        unet = UNet2DConditionModel(**unet_config())
+    else:
+        text, unet = init
     sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
     params = [{"params": unet.parameters(), "lr_mult": 1.0}, {"params": text.parameters(), "lr_mult": 1.0}]
-    base_lr = 5e-4
     opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=1e-2)
     ema_u, ema_t = _Ema(unet, 0.999), _Ema(text, 0.999)
     tok_cache: dict[str, list[int]] = {}
@@ -260,7 +269,7 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
     with _progress() as pb:
         t = pb.add_task("UNet + text encoder", total=steps, info="")
         for step in range(steps):
-            _cosine_lr(opt, step, steps, base_lr, warmup=200)
+            _cosine_lr(opt, step, steps, base_lr, warmup=warmup)
             idx = g.integers(0, len(fs), batch)
             caps = [caption(fs[i], g) if g.random() >= p_uncond else "" for i in idx]
             ids = tokenize(caps)
@@ -330,7 +339,8 @@ def _augment_geom(x, g: np.random.Generator, out_size: int, scale=(0.5, 1.0), fl
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, batch: int = 256):
+def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, batch: int = 256, init=None,
+               lr: float = 1e-3, warmup: int = 200):
     import open_clip
     import torch
     import torch.nn.functional as F
@@ -338,17 +348,17 @@ def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, bat
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
     name = register_clip_config()
-    model = open_clip.create_model(name)
+    model = open_clip.create_model(name) if init is None else init
     tokenizer = open_clip.get_tokenizer(name)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     tok_cache: dict = {}
     model.train()
     with _progress() as pb:
         t = pb.add_task("CLIP", total=steps, info="")
         for step in range(steps):
-            _cosine_lr(opt, step, steps, 1e-3, warmup=200)
+            _cosine_lr(opt, step, steps, lr, warmup=warmup)
             idx = g.integers(0, len(images), batch)
             caps = [caption(fs[i], g, keep=0.6) for i in idx]
             miss = [c for c in set(caps) if c not in tok_cache]

