@@ -122,8 +122,9 @@ def plot(table: Table, out: str | Path) -> Path:
     lo_x, hi_x = min(r["identity"]["ci_low"] for r in table.rows), max(r["identity"]["ci_high"] for r in table.rows)
     lo_y, hi_y = min(r["preservation"]["ci_low"] for r in table.rows), max(r["preservation"]["ci_high"] for r in table.rows)
     pad_x, pad_y = max(0.02, (hi_x - lo_x) * 0.15), max(0.02, (hi_y - lo_y) * 0.15)
-    x0, x1 = max(0.0, lo_x - pad_x), min(1.0, hi_x + pad_x)
-    y0, y1 = max(0.0, lo_y - pad_y), min(1.0, hi_y + pad_y)
+    # a margin beyond 1.0 keeps points at exactly 1 (the base's preservation) inside the frame
+    x0, x1 = max(0.0, lo_x - pad_x), min(1.0 + pad_x / 3, hi_x + pad_x)
+    y0, y1 = max(0.0, lo_y - pad_y), min(1.0 + pad_y / 3, hi_y + pad_y)
     ii = np.linspace(max(x0, 1e-3), x1, 200)
     for c in np.round(np.linspace(0.05, 0.95, 19), 2):
         with np.errstate(divide="ignore", invalid="ignore"):
