@@ -13,7 +13,6 @@ Per subject, over the run's images (``images.jsonl``):
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -32,22 +31,12 @@ def tv_distance(a: list[str], b: list[str]) -> float:
 
 
 def read_images(run_dir: Path) -> list[dict]:
-    p = run_dir / "images.jsonl"
-    if not p.exists():
-        raise UserError(f"{p} not found: RUN_DIR must be a run directory written by 'kps-bench run'")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {i} is not valid JSON ({e}); regenerate the run") from e
-        for key in ("path", "role"):
-            if key not in r:
-                raise UserError(f"{p} line {i} lacks the field {key!r}; regenerate the run")
-        rows.append(r)
-    return rows
+    """The run's ``images.jsonl`` rows as dicts (read and validated by the run-directory reader)."""
+    import dataclasses
+
+    from kps_bench.rundir import read_manifest
+
+    return [dataclasses.asdict(r) for r in read_manifest(run_dir / "images.jsonl")]
 
 
 def signature_of(subject: str, ref_labels: list[dict]) -> dict:
@@ -136,9 +125,9 @@ def truth(run_dir, world_dir=None, write: bool = True) -> dict:
             except json.JSONDecodeError as e:
                 raise UserError(f"{rp} is not valid JSON ({e}); regenerate the run") from e
         res["ground_truth"] = gt
-        tmp = rp.with_name(rp.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2), encoding="utf-8")
-        os.replace(tmp, rp)
+        from kps_bench.rundir import write_json_atomic
+
+        write_json_atomic(rp, res)
     return gt
 
 
