@@ -497,31 +497,24 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
 
 
 # --------------------------------------------------------------------------- evaluation helpers
-def clip_embed_images(model, images: np.ndarray, batch: int = 200):
+def _embed_normalised(encode, images: np.ndarray, mean, std, batch: int):
+    """L2-normalised ``encode((x - mean) / std)`` over batches of uint8 images ``[n, H, W, 3]``."""
     import torch
     import torch.nn.functional as F
 
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    out = []
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
-        for i in range(0, len(images), batch):
-            out.append(F.normalize(model.encode_image((_to_float(images[i:i + batch]) - mean) / std), dim=-1))
-    return torch.cat(out)
+        return torch.cat([F.normalize(encode((_to_float(images[i:i + batch]) - mean) / std), dim=-1)
+                          for i in range(0, len(images), batch)])
+
+
+def clip_embed_images(model, images: np.ndarray, batch: int = 200):
+    return _embed_normalised(model.encode_image, images, CLIP_MEAN, CLIP_STD, batch)
 
 
 def dino_embed_images(vit, images: np.ndarray, batch: int = 200):
-    import torch
-    import torch.nn.functional as F
-
-    mean = torch.tensor(DINO_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(DINO_STD).view(1, 3, 1, 1)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = (_to_float(images[i:i + batch]) - mean) / std
-            out.append(F.normalize(vit(pixel_values=x).last_hidden_state[:, 0], dim=-1))
-    return torch.cat(out)
+    return _embed_normalised(lambda x: vit(pixel_values=x).last_hidden_state[:, 0], images, DINO_MEAN, DINO_STD, batch)
 
 
 def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20) -> float:
