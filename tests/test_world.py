@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from kps_bench.world import WORLD_DIR, resolve_builtin
-from kps_bench.world.render import (BACKGROUNDS, BASE_COLOURS, SHAPES, Factors, caption, render,
-                                    sample_dataset)
+from kps_bench.world.render import (BACKGROUNDS, BASE_COLOURS, SHAPES, Factors, caption, caption_claims,
+                                    describes, render, sample_dataset)
 
 SHIPPED = (WORLD_DIR / "pipeline" / "model_index.json").exists() and (WORLD_DIR / "probe" / "config.json").exists()
 needs_world = pytest.mark.skipif(not SHIPPED, reason="shipped shapes world missing (run kps-bench world build)")
@@ -42,6 +42,37 @@ def test_images_keep_their_factor_labels_and_captions_name_them():
 def test_full_caption_format():
     f = Factors(shape="star", colour="red", pattern="striped", background="blue", size="small")
     assert caption(f) == "a small red striped star on a blue background"
+
+
+def test_caption_claims_are_what_a_caption_states():
+    assert caption_claims("a small red striped star on a sky background") == {
+        "size": "small", "colour": "red", "pattern": "striped", "shape": "star", "background": "sky"}
+    assert caption_claims("a star") == {"shape": "star"}
+    red_star = Factors(shape="star", colour="red", pattern="dotted", background="sky")
+    assert describes(caption_claims("a star"), red_star)  # omitted factors are not claimed
+    assert describes(caption_claims("a red star on a sky background"), red_star)
+    assert not describes(caption_claims("a blue star"), red_star)
+    assert not describes(caption_claims("a star on a white background"), red_star)
+    imgs, fs, caps = sample_dataset(100, seed=3)
+    assert all(describes(caption_claims(c), f) for c, f in zip(caps, fs))
+
+
+def test_vae_posterior_std_is_the_decoder_training_noise():
+    """The VAE is trained on the posterior mean plus noise; its posterior must sample that noise,
+    not the untrained log-variance head (which has std ~ 1)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from kps_bench.world import train as T
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**T.vae_config()).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert vae.encode(x).latent_dist.std.mean() > 0.5  # untrained: far too wide
+    T.set_posterior_std(vae, 0.05)
+    d = vae.encode(x).latent_dist
+    assert torch.allclose(d.std, torch.full_like(d.std, 0.05), rtol=1e-5)
+    assert torch.equal(d.mean, vae.encode(x).latent_dist.mean)  # the mean is untouched
 
 
 @needs_world

@@ -17,9 +17,8 @@ from .render import (BASE_PATTERN_COLOURS, COLOURS, SUBJECT_COLOURS, Factors, re
 from .subjects import SUBJECT_PATTERN_COLOURS, SUBJECTS, reference_images
 
 SEEDS = {"base_data": 1, "probe_data": 2, "heldout": 3, "subjects": 0, "vae": 10, "probe": 11, "t2i": 12,
-         "probe_more": 16, "clip": 13, "dino": 14}
-# probe: 700 steps (lr 2e-3), then probe_more: 1500 more steps from the saved (fp16) probe (lr 1e-3)
-STEPS = {"vae": 1500, "probe": 700, "probe_more": 1500, "t2i": 2000, "clip": 450, "dino": 700}
+         "clip": 13, "dino": 14}
+STEPS = {"vae": 1500, "probe": 1800, "t2i": 2800, "clip": 1500, "dino": 800}
 N_BASE, N_WIDE = 40000, 30000
 
 
@@ -164,7 +163,7 @@ def build(out: str | os.PathLike, scale: float = 1.0, run_check: bool = True, lo
     else:
         lat_mean, lat_std = T.vae_encode(vae, base_imgs)
         text, unet = T.train_t2i(lat_mean, lat_std, base_fs, tokenizer, vae.config.scaling_factor,
-                                 steps["t2i"], SEEDS["t2i"])
+                                 steps["t2i"], SEEDS["t2i"], base_lr=1e-3)
         text.save_pretrained(stages / "t2i" / "text_encoder")
         unet.save_pretrained(stages / "t2i" / "unet")
         mark("t2i")
@@ -179,17 +178,6 @@ def build(out: str | os.PathLike, scale: float = 1.0, run_check: bool = True, lo
         save_probe(probe, out / "probe", {"seed": SEEDS["probe"], "steps": steps["probe"]})
         del recon
         mark("probe")
-    if not done("probe_more"):
-        from .probe import load_probe
-
-        n_rec = min(len(wide_imgs), 8000)
-        recon = T.vae_reconstruct(vae, wide_imgs[:n_rec])
-        probe = T.train_probe(wide_imgs, wide_fs, steps["probe_more"], SEEDS["probe_more"], recon=recon,
-                              init=load_probe(out / "probe").train(), lr=1e-3)
-        save_probe(probe, out / "probe", {"seed": SEEDS["probe"], "steps": steps["probe"],
-                                          "more_seed": SEEDS["probe_more"], "more_steps": steps["probe_more"]})
-        del recon
-        mark("probe_more")
     lap("probe", t)
 
     # CLIP

@@ -8,6 +8,27 @@ from pathlib import Path
 from .render import BACKGROUNDS, BASE_COLOURS, PATTERNS, SHAPES, SIZES, SUBJECT_COLOURS
 
 
+def _clip_arch(world: Path) -> str:
+    p = world / "clip" / "open_clip_config.json"
+    if not p.exists():
+        return "?"
+    cfg = json.loads(p.read_text())
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    tower = (f"ModifiedResNet layers {v['layers']} width {v['width']}" if isinstance(v["layers"], list)
+             else f"ViT patch {v['patch_size']} width {v['width']} x{v['layers']}")
+    return (f"image tower {tower} at {v['image_size']}px; text width {t['width']} x{t['layers']}; "
+            f"embed {cfg['embed_dim']}")
+
+
+def _dino_arch(world: Path) -> str:
+    p = world / "dino" / "config.json"
+    if not p.exists():
+        return "?"
+    cfg = json.loads(p.read_text())
+    return (f"ViT patch {cfg['patch_size']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+            f"{cfg['image_size']}px")
+
+
 def write_model_card(world) -> Path:
     from .subjects import SUBJECTS
     from . import train as T
@@ -51,12 +72,26 @@ def write_model_card(world) -> Path:
         f"| `pipeline/` | diffusers `StableDiffusionPipeline` (fp16 safetensors) | VAE `AutoencoderKL` {T.vae_config()['block_out_channels']} 32x32 -> 8x8x4; "
         f"UNet `UNet2DConditionModel` {T.unet_config()['block_out_channels']}; `CLIPTextModel` hidden 64, 3 layers, "
         f"real CLIP BPE tokenizer (max length {T.TEXT_LEN}); DDIM scheduler |",
-        f"| `clip/` | open_clip config + state dict (fp16 safetensors) | ViT patch 8 width 128 x4, text width 64 x3, embed 64 |",
-        f"| `dino/` | transformers `ViTModel` + `ViTImageProcessor` | ViT patch 8, hidden 128, 4 layers; DINO self-distillation |",
+        f"| `clip/` | open_clip config + state dict (fp16 safetensors) | {_clip_arch(world)} |",
+        f"| `dino/` | transformers `ViTModel` + `ViTImageProcessor` | {_dino_arch(world)}; DINO self-distillation |",
         "| `probe/` | config.json + safetensors | CNN with heads shape, colour (11), pattern, background, size |",
         "",
         "The text-to-image model is trained on the base distribution only (8 fill colours, white/black patterns);",
         "the probe, CLIP, DINO and VAE also see the subject-only colours and chromatic pattern colours.",
+        "",
+        "## Training recipe (`kps_bench/world/train.py`)",
+        "",
+        "- VAE: autoencoder on the posterior mean plus Gaussian noise of 0.1 x the latents' spread; the",
+        "  posterior's log-variance is then set to exactly that noise, so `latent_dist.sample()` draws what the",
+        "  decoder was trained on (the UNet and every adapter trainer sample it).",
+        "- UNet + text encoder: trained jointly from scratch, epsilon objective with Min-SNR-5 weighting,",
+        "  caption dropout 10% (for classifier-free guidance), EMA 0.999.",
+        "- CLIP: symmetric contrastive loss where a caption is a positive for every image of the batch it",
+        "  describes correctly (`a star` for every star), captions keep each attribute with probability 0.6.",
+        "- DINO: student/EMA teacher, 2 global (60-100% area) + 4 local (25-60%) crops with flips, rotations",
+        "  and colour scrambling, centring, teacher temperature 0.04, 256 prototypes with a fixed-norm last",
+        "  layer frozen for the first 100 steps.",
+        "- Probe: CNN on renders, half of the batches on VAE reconstructions, random blur and noise.",
         "",
         "## Subjects",
         "",

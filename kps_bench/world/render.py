@@ -225,6 +225,28 @@ def caption(f: Factors, rng: np.random.Generator | None = None, keep: float = 0.
     return " ".join(words)
 
 
+def caption_claims(text: str) -> dict[str, str]:
+    """The factor values a caption states, e.g. "a red star on a blue background" ->
+    ``{"colour": "red", "shape": "star", "background": "blue"}`` (omitted factors are not claimed)."""
+    words = text.split()
+    claims: dict[str, str] = {}
+    if "on" in words:
+        i = words.index("on")
+        if i + 2 < len(words):
+            claims["background"] = words[i + 2]
+        words = words[:i]
+    for w in words:
+        for factor, values in (("size", SIZES), ("colour", COLOURS), ("pattern", PATTERNS), ("shape", SHAPES)):
+            if w in values:
+                claims[factor] = w
+    return claims
+
+
+def describes(claims: dict[str, str], f: Factors) -> bool:
+    """Whether every factor a caption claims is true of the object ``f``."""
+    return all(getattr(f, k) == v for k, v in claims.items())
+
+
 def sample_dataset(n: int, seed: int, colours=None, pattern_colours=None, with_captions=True, keep=0.55):
     """``n`` (images uint8 [n,32,32,3], factors list, captions list) for a seed."""
     rng = np.random.default_rng(seed)

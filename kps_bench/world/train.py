@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .render import (BACKGROUNDS, BASE_COLOURS, COLOURS, PATTERNS, SHAPES, SIZES, Factors,
-                     caption)
+                     caption, caption_claims, describes)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,8 +100,24 @@ def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64, log=pr
         z = torch.cat([vae.encode(x[i:i + 100]).latent_dist.mean for i in range(0, len(x), 100)])
     sf = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=sf)
-    log(f"VAE scaling factor {sf:.4f}")
+    set_posterior_std(vae, latent_noise / sf)
+    log(f"VAE scaling factor {sf:.4f}, posterior std {latent_noise / sf:.4f}")
     return vae
+
+
+def set_posterior_std(vae, sigma: float) -> None:
+    """Make the posterior ``N(mean, sigma^2)``: the noise the decoder was trained with.
+
+    Training only ever used the posterior mean, so the log-variance half of ``quant_conv`` is
+    untrained (std ~ 1, half the latents' spread); anything that samples ``latent_dist`` (the UNet
+    here, every adapter trainer later) would otherwise learn from heavily noised latents.
+    """
+    import torch
+
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[c:].zero_()
+        vae.quant_conv.bias[c:].fill_(2 * math.log(sigma))
 
 
 def vae_encode(vae, images: np.ndarray, batch: int = 100):
@@ -235,9 +251,12 @@ class _Ema:
 
 def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_factor: float, steps: int,
               seed: int, batch: int = 112, p_uncond: float = 0.1, init=None, base_lr: float = 5e-4,
-              warmup: int = 200):
+              warmup: int = 200, snr_gamma: float | None = 5.0):
     """Jointly train a CLIPTextModel (from scratch, or continue from ``init=(text, unet)``) and a
-    UNet2DConditionModel with the epsilon objective and caption dropout ``p_uncond``."""
+    UNet2DConditionModel with the epsilon objective and caption dropout ``p_uncond``.
+
+    ``snr_gamma``: Min-SNR loss weighting (Hang et al. 2023), ``min(SNR, gamma) / SNR`` per sample,
+    which converges several times faster than the plain epsilon MSE; ``None`` for the plain MSE."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -279,7 +298,11 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
             zt = sched.add_noise(z, noise, ts)
             enc = text(ids).last_hidden_state
             pred = unet(zt, ts, encoder_hidden_states=enc).sample
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            if snr_gamma is not None:
+                snr = alphas[ts] / (1 - alphas[ts])
+                loss = loss * snr.clamp(max=snr_gamma) / snr
+            loss = loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
@@ -289,7 +312,6 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
             if step % 20 == 0:
                 _tick(pb, t, step, steps, f"loss {loss.item():.4f}")
         pb.update(t, completed=steps)
-    del alphas
     return ema_t.shadow, ema_u.shadow
 
 
@@ -297,8 +319,8 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
 def clip_config() -> dict:
     return {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32,
-                       "mlp_ratio": 4.0},
+        # a ModifiedResNet image tower (layers given as a list): learns shapes far faster than a ViT here
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64},
         "text_cfg": {"context_length": TEXT_LEN, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
     }
 
@@ -339,6 +361,16 @@ def _augment_geom(x, g: np.random.Generator, out_size: int, scale=(0.5, 1.0), fl
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def clip_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images resized to the CLIP tower's input size with PIL bicubic, exactly as open_clip's
+    preprocessing does at scoring time."""
+    if images.shape[1] == size:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+
+
 def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, batch: int = 256, init=None,
                lr: float = 1e-3, warmup: int = 200):
     import open_clip
@@ -349,6 +381,7 @@ def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, bat
     g = np.random.default_rng(seed)
     name = register_clip_config()
     model = open_clip.create_model(name) if init is None else init
+    images = clip_resize(images, clip_config()["vision_cfg"]["image_size"])
     tokenizer = open_clip.get_tokenizer(name)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -369,12 +402,14 @@ def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, bat
             img_f = F.normalize(model.encode_image(x), dim=-1)
             txt_f = F.normalize(model.encode_text(ids), dim=-1)
             logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
-            # duplicate captions in a batch are positives too
-            same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
-            # an image is also a positive for a caption that describes it correctly
-            tgt = same / same.sum(1, keepdim=True)
-            loss = 0.5 * (-(tgt * F.log_softmax(logits, 1)).sum(1).mean()
-                          - (tgt * F.log_softmax(logits.t(), 1)).sum(1).mean())
+            # a caption is a positive for every image of the batch it describes correctly ("a star" for
+            # all stars), not only for its own image: no false negatives among the short captions
+            claims = [caption_claims(c) for c in caps]
+            pos = torch.tensor([[describes(cl, fs[i]) for cl in claims] for i in idx], dtype=torch.float32)
+            tgt_i = pos / pos.sum(1, keepdim=True)
+            tgt_t = pos.t() / pos.t().sum(1, keepdim=True)
+            loss = 0.5 * (-(tgt_i * F.log_softmax(logits, 1)).sum(1).mean()
+                          - (tgt_t * F.log_softmax(logits.t(), 1)).sum(1).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -415,7 +450,12 @@ def _colour_aug(x, g: np.random.Generator, p_perm=0.8, p_gray=0.2):
 
 
 def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_local: int = 4,
-               out_dim: int = 1024):
+               out_dim: int = 256, lr: float = 5e-4, teacher_temp: float = 0.04, freeze_last: int = 100,
+               global_scale=(0.6, 1.0), local_scale=(0.25, 0.6)):
+    """DINO (Caron et al. 2021) on a small ``ViTModel``: student and EMA teacher, 2 global + ``n_local``
+    local crops, centring and sharpening (``teacher_temp``), weight-normalised last layer with its norm
+    fixed and its weights frozen for the first ``freeze_last`` steps (the recipe's guards against
+    collapse). Returns the teacher's ViT (the CLS token is the feature)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -430,6 +470,9 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
             self.mlp = nn.Sequential(nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
                                      nn.Linear(256, 64))
             self.last = nn.utils.parametrizations.weight_norm(nn.Linear(64, out_dim, bias=False))
+            g = self.last.parametrizations.weight.original0
+            g.data.fill_(1.0)
+            g.requires_grad_(False)
 
         def forward(self, h):
             return self.last(F.normalize(self.mlp(h), dim=-1))
@@ -438,7 +481,7 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
         def __init__(self):
             super().__init__()
             self.vit = ViTModel(ViTConfig(**dino_config()), add_pooling_layer=False)
-            self.head = Head(128)
+            self.head = Head(dino_config()["hidden_size"])
 
         def forward(self, x):
             h = self.vit(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0]
@@ -450,7 +493,8 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
     for p in teacher.parameters():
         p.requires_grad_(False)
     center = torch.zeros(1, out_dim)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.04)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.04)
+    last_v = student.head.last.parametrizations.weight.original1
     mean = torch.tensor(DINO_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(DINO_STD).view(1, 3, 1, 1)
 
@@ -460,12 +504,13 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
     with _progress() as pb:
         t = pb.add_task("DINO", total=steps, info="")
         for step in range(steps):
-            _cosine_lr(opt, step, steps, 1e-3, warmup=200)
+            _cosine_lr(opt, step, steps, lr, warmup=min(200, steps // 10))
             idx = g.integers(0, len(images), batch)
             x = _to_float(images[idx])
-            glob = [norm(_colour_aug(_augment_geom(x, g, 32, (0.4, 1.0), rot=20), g)) for _ in range(2)]
-            loc = [norm(_colour_aug(_augment_geom(x, g, 16, (0.1, 0.4), rot=20), g)) for _ in range(n_local)]
-            tt = 0.04 + (0.07 - 0.04) * min(1.0, step / max(1, 0.3 * steps))
+            # crops big enough to hold part of the object (most of a 32x32 image is background)
+            glob = [norm(_colour_aug(_augment_geom(x, g, 32, global_scale, rot=20), g)) for _ in range(2)]
+            loc = [norm(_colour_aug(_augment_geom(x, g, 16, local_scale, rot=20), g)) for _ in range(n_local)]
+            tt = teacher_temp
             with torch.no_grad():
                 tout = teacher(torch.cat(glob))
                 tprob = F.softmax((tout - center) / tt, dim=-1).chunk(2)
@@ -483,6 +528,8 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+            if step < freeze_last:
+                last_v.grad = None
             opt.step()
             mom = 1 - (1 - 0.99) * (math.cos(math.pi * step / steps) + 1) / 2
             with torch.no_grad():
@@ -510,7 +557,9 @@ def _embed_normalised(encode, images: np.ndarray, mean, std, batch: int):
 
 
 def clip_embed_images(model, images: np.ndarray, batch: int = 200):
-    return _embed_normalised(model.encode_image, images, CLIP_MEAN, CLIP_STD, batch)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return _embed_normalised(model.encode_image, clip_resize(images, size), CLIP_MEAN, CLIP_STD, batch)
 
 
 def dino_embed_images(vit, images: np.ndarray, batch: int = 200):
