@@ -146,7 +146,8 @@ def test_shipped_clip_and_dino_load_like_user_checkpoints():
     factory._MODEL_CONFIGS["test-shapes-clip"] = cfg
     model = open_clip.create_model("test-shapes-clip", pretrained=str(WORLD_DIR / "clip" / "open_clip_model.safetensors"))
     tok = open_clip.get_tokenizer("test-shapes-clip")
-    x = torch.zeros(1, 3, model.visual.image_size[0], model.visual.image_size[1])
+    size = cfg["vision_cfg"]["image_size"]
+    x = torch.zeros(1, 3, size, size)
     assert model.encode_image(x).shape[-1] == cfg["embed_dim"]
     assert model.encode_text(tok(["a star"])).shape[-1] == cfg["embed_dim"]
 
