@@ -144,7 +144,7 @@ def test_shipped_clip_and_dino_load_like_user_checkpoints():
 
     cfg = json.loads((WORLD_DIR / "clip" / "open_clip_config.json").read_text())
     factory._MODEL_CONFIGS["test-shapes-clip"] = cfg
-    model = open_clip.create_model("test-shapes-clip", pretrained=str(WORLD_DIR / "clip" / "open_clip_model.safetensors"))
+    model = open_clip.create_model("test-shapes-clip", pretrained=str(WORLD_DIR / "clip" / "open_clip_model.safetensors")).eval()
     tok = open_clip.get_tokenizer("test-shapes-clip")
     size = cfg["vision_cfg"]["image_size"]
     x = torch.zeros(1, 3, size, size)
