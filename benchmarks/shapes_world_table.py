@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 METHODS = ("cat", "lora", "dreambooth", "textual-inversion")
@@ -52,6 +53,26 @@ def fmt(entry: dict | None) -> str:
     return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
 
 
+def check_stamp(out: Path, protocol) -> None:
+    """Refuse to reuse an ``--out`` made with another protocol or other base/encoder weights
+    (a rebuilt world has the same protocol text but new weights)."""
+    from kps_bench.models import combined_hash, folder_weight_hashes
+
+    specs = {"base": protocol.resolve(protocol.base_model, "pipeline"),
+             "clip": protocol.resolve(protocol.encoders.clip.arch), "dino": protocol.resolve(protocol.encoders.dino.model)}
+    local = {k: Path(v).parent if Path(v).is_file() else Path(v) for k, v in specs.items() if Path(v).exists()}
+    stamp = {"protocol_sha256": protocol.sha256,
+             "weights_sha256": {k: combined_hash(folder_weight_hashes(d)) for k, d in local.items()}}
+    p = out / "stamp.json"
+    stale = json.loads(p.read_text()) != stamp if p.exists() else (out / "adapters").exists()
+    if stale:
+        print(f"error: {out} holds adapters or runs of another protocol or other model weights ({p} differs or "
+              f"is missing); give a new --out or delete that folder.", file=sys.stderr)
+        raise SystemExit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(stamp, indent=1))
+
+
 def main(argv=None) -> None:
     from kps_bench.protocol import load_protocol
     from kps_bench.train import train
@@ -76,6 +97,7 @@ def main(argv=None) -> None:
         return {"overall": {}, "subjects": {}}
     subjects = args.subjects or [s.name for s in protocol.subjects]
     out: Path = args.out
+    check_stamp(out, protocol)
     rows = []
 
     base_run = out / "runs" / "base"
