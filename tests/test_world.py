@@ -12,7 +12,7 @@ import pytest
 
 from kps_bench.world import WORLD_DIR, resolve_builtin
 from kps_bench.world.render import (BACKGROUNDS, BASE_COLOURS, SHAPES, Factors, caption, caption_claims,
-                                    describes, render, sample_dataset)
+                                    claims_matrix, describes, render, sample_dataset)
 
 SHIPPED = (WORLD_DIR / "pipeline" / "model_index.json").exists() and (WORLD_DIR / "probe" / "config.json").exists()
 needs_world = pytest.mark.skipif(not SHIPPED, reason="shipped shapes world missing (run kps-bench world build)")
@@ -55,6 +55,10 @@ def test_caption_claims_are_what_a_caption_states():
     assert not describes(caption_claims("a star on a white background"), red_star)
     imgs, fs, caps = sample_dataset(100, seed=3)
     assert all(describes(caption_claims(c), f) for c, f in zip(caps, fs))
+    claims = [caption_claims(c) for c in caps[:40]]
+    m = claims_matrix(claims, fs[:30])
+    assert m.shape == (30, 40) and m.any() and not m.all()
+    assert all(m[i, j] == describes(claims[j], fs[i]) for i in range(30) for j in range(40))
 
 
 def test_vae_posterior_std_is_the_decoder_training_noise():

@@ -89,6 +89,7 @@ def build(out: str | os.PathLike, scale: float = 1.0, run_check: bool = True, lo
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer, ViTImageProcessor
 
+    from kps_bench.rundir import write_json_atomic
     from kps_bench.tokenizer import save_clip_tokenizer
 
     from . import train as T
@@ -240,7 +241,7 @@ def build(out: str | os.PathLike, scale: float = 1.0, run_check: bool = True, lo
         "torch": torch.__version__,
         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    (out / "build.json").write_text(json.dumps(info, indent=1))
+    write_json_atomic(out / "build.json", info)
     log(f"world built in {total:.0f}s -> {out}")
     from .card import write_model_card
 

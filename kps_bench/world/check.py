@@ -154,10 +154,9 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
     }
     print_table(result, log)
     if json_path:
-        p = Path(json_path)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, p)
+        from kps_bench.rundir import write_json_atomic
+
+        write_json_atomic(json_path, result)
     return result
 
 

@@ -247,6 +247,16 @@ def describes(claims: dict[str, str], f: Factors) -> bool:
     return all(getattr(f, k) == v for k, v in claims.items())
 
 
+def claims_matrix(claims: list[dict[str, str]], fs: list[Factors]) -> np.ndarray:
+    """``[len(fs), len(claims)]`` bool: entry (i, j) is ``describes(claims[j], fs[i])``."""
+    values = {k: np.array([getattr(f, k) for f in fs]) for k in {k for c in claims for k in c}}
+    out = np.ones((len(fs), len(claims)), dtype=bool)
+    for j, c in enumerate(claims):
+        for k, v in c.items():
+            out[:, j] &= values[k] == v
+    return out
+
+
 def sample_dataset(n: int, seed: int, colours=None, pattern_colours=None, with_captions=True, keep=0.55):
     """``n`` (images uint8 [n,32,32,3], factors list, captions list) for a seed."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .render import (BACKGROUNDS, BASE_COLOURS, COLOURS, PATTERNS, SHAPES, SIZES, Factors,
-                     caption, caption_claims, describes)
+                     caption, caption_claims, claims_matrix)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -176,7 +176,7 @@ def _blur_noise(x, g: np.random.Generator):
 
 
 def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, recon: np.ndarray | None = None,
-                batch: int = 128, init=None, lr: float = 2e-3):
+                batch: int = 128, lr: float = 2e-3):
     import torch
     import torch.nn.functional as F
 
@@ -184,7 +184,7 @@ def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, re
 
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
-    m = build_probe() if init is None else init
+    m = build_probe()
     labels = {k: torch.from_numpy(v) for k, v in _factor_labels(fs).items()}
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4)
     m.train()
@@ -250,10 +250,10 @@ class _Ema:
 
 
 def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_factor: float, steps: int,
-              seed: int, batch: int = 112, p_uncond: float = 0.1, init=None, base_lr: float = 5e-4,
+              seed: int, batch: int = 112, p_uncond: float = 0.1, base_lr: float = 5e-4,
               warmup: int = 200, snr_gamma: float | None = 5.0):
-    """Jointly train a CLIPTextModel (from scratch, or continue from ``init=(text, unet)``) and a
-    UNet2DConditionModel with the epsilon objective and caption dropout ``p_uncond``.
+    """Jointly train a CLIPTextModel and a UNet2DConditionModel from scratch with the epsilon
+    objective and caption dropout ``p_uncond``.
 
     ``snr_gamma``: Min-SNR loss weighting (Hang et al. 2023), ``min(SNR, gamma) / SNR`` per sample,
     which converges several times faster than the plain epsilon MSE; ``None`` for the plain MSE."""
@@ -264,11 +264,8 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
 
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
-    if init is None:
-        text = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
-        unet = UNet2DConditionModel(**unet_config())
-    else:
-        text, unet = init
+    text = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
+    unet = UNet2DConditionModel(**unet_config())
     sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
     params = [{"params": unet.parameters(), "lr_mult": 1.0}, {"params": text.parameters(), "lr_mult": 1.0}]
     opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=1e-2)
@@ -371,7 +368,7 @@ def clip_resize(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
-def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, batch: int = 256, init=None,
+def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, batch: int = 256,
                lr: float = 1e-3, warmup: int = 200):
     import open_clip
     import torch
@@ -380,7 +377,7 @@ def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, bat
     torch.manual_seed(seed)
     g = np.random.default_rng(seed)
     name = register_clip_config()
-    model = open_clip.create_model(name) if init is None else init
+    model = open_clip.create_model(name)
     images = clip_resize(images, clip_config()["vision_cfg"]["image_size"])
     tokenizer = open_clip.get_tokenizer(name)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -404,8 +401,7 @@ def train_clip(images: np.ndarray, fs: list[Factors], steps: int, seed: int, bat
             logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
             # a caption is a positive for every image of the batch it describes correctly ("a star" for
             # all stars), not only for its own image: no false negatives among the short captions
-            claims = [caption_claims(c) for c in caps]
-            pos = torch.tensor([[describes(cl, fs[i]) for cl in claims] for i in idx], dtype=torch.float32)
+            pos = torch.from_numpy(claims_matrix([caption_claims(c) for c in caps], [fs[i] for i in idx])).float()
             tgt_i = pos / pos.sum(1, keepdim=True)
             tgt_t = pos.t() / pos.t().sum(1, keepdim=True)
             loss = 0.5 * (-(tgt_i * F.log_softmax(logits, 1)).sum(1).mean()
@@ -510,10 +506,9 @@ def train_dino(images: np.ndarray, steps: int, seed: int, batch: int = 96, n_loc
             # crops big enough to hold part of the object (most of a 32x32 image is background)
             glob = [norm(_colour_aug(_augment_geom(x, g, 32, global_scale, rot=20), g)) for _ in range(2)]
             loc = [norm(_colour_aug(_augment_geom(x, g, 16, local_scale, rot=20), g)) for _ in range(n_local)]
-            tt = teacher_temp
             with torch.no_grad():
                 tout = teacher(torch.cat(glob))
-                tprob = F.softmax((tout - center) / tt, dim=-1).chunk(2)
+                tprob = F.softmax((tout - center) / teacher_temp, dim=-1).chunk(2)
             s_glob = student(torch.cat(glob)).chunk(2)
             s_loc = student(torch.cat(loc)).chunk(n_local)
             s_all = list(s_glob) + list(s_loc)
