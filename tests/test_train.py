@@ -83,6 +83,7 @@ def test_recipe_merge_order_and_hash(tmp_path, tiny):
     (["steps=zero"], "field 'steps' must be an integer"),
     (["lr_scheduler=wavy"], "field 'lr_scheduler' must be one of"),
     (["resolution=30"], "field 'resolution' must be a multiple of 8"),
+    (["caption_dropout=1"], "field 'caption_dropout' must be a probability in"),
 ])
 def test_recipe_errors_name_the_field(sets, message):
     with pytest.raises(UserError, match=message):
@@ -208,6 +209,31 @@ def test_dreambooth_writes_a_pipeline_and_reuses_class_images(tmp_path, protocol
     assert "loss_prior" in a.training["final_loss"]["last_step"]
     info = resolve_adapter(str(a.out), "auto", False)
     assert info.kind == "pipeline" and info.training["method"] == "dreambooth"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_caption_dropout_draws_the_empty_prompt(tmp_path, protocol, p):
+    from kps_bench.train.core import make_trainer
+
+    trainer = make_trainer("lora", protocol, "red-block", tmp_path / "t", "cpu", FAST + [f"caption_dropout={p}"])
+    trainer.setup()
+    caps, n = trainer.captions, len(trainer.captions.templates)
+    idx = [i for _ in range(200) for i in trainer.sample_batch(4).caption_index]
+    if p == 0:
+        assert len(caps.with_trigger) == n and max(idx) < n
+    else:
+        assert caps.with_trigger[n] == caps.without_trigger[n] == "" and len(caps.with_trigger) == n + 1
+        assert abs(idx.count(n) / len(idx) - p) < 0.05  # 800 draws: 4 standard deviations
+
+
+@pytest.mark.parametrize("method", ["cat", "dreambooth", "textual-inversion"])
+def test_every_method_trains_with_caption_dropout(tmp_path, protocol, monkeypatch, method):
+    monkeypatch.setenv("KPS_BENCH_CACHE", str(tmp_path / "cache"))
+    sets = FAST + ["caption_dropout=0.5", "learning_rate=1e-2"]
+    if method == "dreambooth":
+        sets += ["num_class_images=3", "class_sample_steps=2"]
+    res = train(method, protocol, "red-block", tmp_path / method, "cpu", sets)
+    assert res.training["recipe"]["caption_dropout"] == 0.5 and "" in res.training["captions"]
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, protocol):

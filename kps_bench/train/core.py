@@ -65,6 +65,9 @@ class Recipe:
     random_flip: bool = True
     crop_margin: float = 0.125  # random crop: the image is encoded at (1 + margin) x resolution and cropped in latent space
     captions: tuple = ()  # caption templates with {subject}; empty = the protocol's prompts
+    # probability that a training sample gets the empty prompt (the unconditional branch that
+    # classifier-free guidance subtracts), so the adapter moves it consistently with the captioned one
+    caption_dropout: float = 0.0
     # lora / cat
     rank: int = 1
     alpha: float = 1.0
@@ -219,6 +222,7 @@ def validate_recipe(r: Recipe, where: str) -> None:
     req(r.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
     req(r.resolution >= 8 and r.resolution % 8 == 0, "resolution", "a multiple of 8")
     req(0 <= r.crop_margin <= 1, "crop_margin", "a number between 0 and 1")
+    req(0 <= r.caption_dropout < 1, "caption_dropout", "a probability in [0, 1)")
     req(r.lr_warmup_steps >= 0, "lr_warmup_steps", "an integer >= 0")
     req(r.max_grad_norm > 0, "max_grad_norm", "a number > 0")
     req(r.cat_weight >= 0, "cat_weight", "a number >= 0")
@@ -246,6 +250,9 @@ class Batch:
 
 @dataclass
 class Captions:
+    """Caption templates and their expansions. With ``caption_dropout`` the expansions have one more
+    entry, the empty prompt, at index ``len(templates)`` (its trigger-free twin is empty too)."""
+
     templates: list[str]
     with_trigger: list[str]
     without_trigger: list[str]
@@ -253,8 +260,9 @@ class Captions:
 
 def build_captions(protocol: Protocol, subject: Subject, recipe: Recipe) -> Captions:
     templates = list(recipe.captions) or list(protocol.prompts)
-    return Captions(templates, [expand_prompt(t, subject, True) for t in templates],
-                    [expand_prompt(t, subject, False) for t in templates])
+    empty = [""] if recipe.caption_dropout > 0 else []
+    return Captions(templates, [expand_prompt(t, subject, True) for t in templates] + empty,
+                    [expand_prompt(t, subject, False) for t in templates] + empty)
 
 
 def load_reference_pixels(paths: list[Path], size: int):
@@ -446,6 +454,8 @@ class Trainer:
             i = int(torch.randint(0, len(cache), (1,), generator=g))
             if image_captions is None:
                 c = int(torch.randint(0, len(self.captions.templates), (1,), generator=g))
+                if self.recipe.caption_dropout > 0 and float(torch.rand((1,), generator=g)) < self.recipe.caption_dropout:
+                    c = len(self.captions.templates)  # the empty prompt
             else:
                 c = image_captions[i]
             flip = self.recipe.random_flip and bool(torch.rand((1,), generator=g) < 0.5)

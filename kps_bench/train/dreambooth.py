@@ -86,7 +86,7 @@ def train(trainer: Trainer):
             emb = torch.cat([trainer.encode_prompts(trainer.captions.with_trigger),
                              trainer.encode_prompts(trainer.captions.without_trigger)]).float()
             te.to("cpu")
-        n = len(trainer.captions.templates)
+        n = len(trainer.captions.with_trigger)  # class captions follow the instance captions in `emb`
 
         # ---- loss: instance loss + prior_loss_weight * class loss, one forward pass for both halves
         def compute_loss(model, batch):

@@ -70,6 +70,7 @@ def train(trainer: Trainer):
         trainer.pipe.vae.to("cpu")
         spelled = dataclasses.replace(subject, trigger=" ".join(tokens))
         prompts = [expand_prompt(t, spelled, True) for t in trainer.captions.templates]
+        prompts += trainer.captions.with_trigger[len(prompts):]  # the empty prompt of caption_dropout
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(trainer.device)
 
