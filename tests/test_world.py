@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,19 @@ def test_world_check_gates_hold_on_a_reduced_sample(tmp_path):
 
 
 # ------------------------------------------------------------------------------ ground truth
+def test_tv_distance_is_hand_computed_and_independent_of_hash_order():
+    from kps_bench.world.truth import tv_distance
+
+    # a: red 3/4, blue 1/4; b: blue 1/2, green 1/2 -> (3/4 + 1/4 + 1/2) / 2
+    assert tv_distance(["red"] * 3 + ["blue"], ["blue", "green"] * 2) == 0.75
+    code = ("from kps_bench.world.truth import tv_distance as t; import string; "
+            "a = [c for i, c in enumerate(string.ascii_lowercase) for _ in range(i % 7 + 1)]; "
+            "print(repr(t(a, a[::3] + ['zz'] * 5)))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(4)}
+    assert len(outs) == 1
+
+
 @needs_world
 @pytest.mark.slow
 def test_truth_of_a_run_without_adapter(tmp_path):
@@ -234,6 +248,7 @@ def test_truth_of_a_run_without_adapter(tmp_path):
     assert s["true_knowledge_shift"] == 0.0
     assert s["true_leakage"] == s["base_signature_rate"]  # identical images: no leakage beyond the base's
     assert s["true_identity"] >= 0.8
+    assert gt["probe"] == "builtin:shapes-world/probe"  # not this machine's path
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["ground_truth"]["subjects"]["teal-star"]["true_knowledge_shift"] == 0.0
     assert "metrics" in res

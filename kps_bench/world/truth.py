@@ -27,7 +27,8 @@ def tv_distance(a: list[str], b: list[str]) -> float:
         return float("nan")
     ca, cb = Counter(a), Counter(b)
     na, nb = len(a), len(b)
-    return 0.5 * sum(abs(ca[k] / na - cb[k] / nb) for k in set(ca) | set(cb))
+    # sorted: the float sum must not depend on set order (PYTHONHASHSEED), so reruns are bit-identical
+    return 0.5 * sum(abs(ca[k] / na - cb[k] / nb) for k in sorted(set(ca) | set(cb)))
 
 
 def read_images(run_dir: Path) -> list[dict]:
@@ -56,6 +57,15 @@ def signature_of(subject: str, ref_labels: list[dict]) -> dict:
 
 def _shows(lbl: dict, sig: dict) -> bool:
     return lbl["colour"] == sig["colour"] and lbl["pattern"] == sig["pattern"]
+
+
+def _probe_spec(probe_dir: Path | None) -> str:
+    """``builtin:shapes-world/probe`` for the shipped probe (results stay comparable across machines), else its path."""
+    from . import WORLD_DIR
+
+    if probe_dir is None or probe_dir.resolve() == (WORLD_DIR / "probe").resolve():
+        return "builtin:shapes-world/probe"
+    return str(probe_dir)
 
 
 def truth(run_dir, world_dir=None, write: bool = True) -> dict:
@@ -112,7 +122,7 @@ def truth(run_dir, world_dir=None, write: bool = True) -> dict:
 
     gt = {
         "source": "shapes-world ground-truth probe (kps_bench.world.probe)",
-        "probe": str(probe_dir or "builtin:shapes-world/probe"),
+        "probe": _probe_spec(probe_dir),
         "subjects": out_subjects,
         "overall": {k: mean(k) for k in ("true_identity", "true_leakage", "true_knowledge_shift")},
     }
