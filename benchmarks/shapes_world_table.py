@@ -57,6 +57,7 @@ def check_stamp(out: Path, protocol) -> None:
     """Refuse to reuse an ``--out`` made with another protocol or other base/encoder weights
     (a rebuilt world has the same protocol text but new weights)."""
     from kps_bench.models import combined_hash, folder_weight_hashes
+    from kps_bench.rundir import write_json_atomic
 
     specs = {"base": protocol.resolve(protocol.base_model, "pipeline"),
              "clip": protocol.resolve(protocol.encoders.clip.arch), "dino": protocol.resolve(protocol.encoders.dino.model)}
@@ -70,7 +71,7 @@ def check_stamp(out: Path, protocol) -> None:
               f"is missing); give a new --out or delete that folder.", file=sys.stderr)
         raise SystemExit(2)
     out.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(stamp, indent=1))
+    write_json_atomic(p, stamp)
 
 
 def main(argv=None) -> None:

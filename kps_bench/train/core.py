@@ -250,19 +250,28 @@ class Batch:
 
 @dataclass
 class Captions:
-    """Caption templates and their expansions. With ``caption_dropout`` the expansions have one more
-    entry, the empty prompt, at index ``len(templates)`` (its trigger-free twin is empty too)."""
+    """Caption templates and their expansions. With ``dropout`` (``caption_dropout > 0``) every expansion
+    has one more entry, the empty prompt, at index ``len(templates)`` (its trigger-free twin is empty too)."""
 
     templates: list[str]
+    dropout: bool
     with_trigger: list[str]
     without_trigger: list[str]
 
+    def expand(self, subject: Subject, trigger: bool) -> list[str]:
+        """The templates for another spelling of the subject (textual inversion's multi-vector trigger)."""
+        return expand_captions(self.templates, subject, trigger, self.dropout)
+
+
+def expand_captions(templates: list[str], subject: Subject, trigger: bool, dropout: bool) -> list[str]:
+    """Every template with ``{subject}`` filled in, then the empty prompt when captions drop out."""
+    return [expand_prompt(t, subject, trigger) for t in templates] + ([""] if dropout else [])
+
 
 def build_captions(protocol: Protocol, subject: Subject, recipe: Recipe) -> Captions:
-    templates = list(recipe.captions) or list(protocol.prompts)
-    empty = [""] if recipe.caption_dropout > 0 else []
-    return Captions(templates, [expand_prompt(t, subject, True) for t in templates] + empty,
-                    [expand_prompt(t, subject, False) for t in templates] + empty)
+    templates, dropout = list(recipe.captions) or list(protocol.prompts), recipe.caption_dropout > 0
+    return Captions(templates, dropout, expand_captions(templates, subject, True, dropout),
+                    expand_captions(templates, subject, False, dropout))
 
 
 def load_reference_pixels(paths: list[Path], size: int):

@@ -14,7 +14,6 @@ import dataclasses
 
 from ..errors import UserError
 from ..models import TI_FILE
-from ..protocol import expand_prompt
 from .core import LOG_FILE, Trainer, to_device, work_folder
 from .lora import mse
 
@@ -69,8 +68,7 @@ def train(trainer: Trainer):
         unet = to_device(trainer.pipe.unet, trainer.device, trainer.weight_dtype)
         trainer.pipe.vae.to("cpu")
         spelled = dataclasses.replace(subject, trigger=" ".join(tokens))
-        prompts = [expand_prompt(t, spelled, True) for t in trainer.captions.templates]
-        prompts += trainer.captions.with_trigger[len(prompts):]  # the empty prompt of caption_dropout
+        prompts = trainer.captions.expand(spelled, True)
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(trainer.device)
 
