@@ -18,7 +18,7 @@ from .subjects import SUBJECT_PATTERN_COLOURS, SUBJECTS, reference_images
 
 SEEDS = {"base_data": 1, "probe_data": 2, "heldout": 3, "subjects": 0, "vae": 10, "probe": 11, "t2i": 12,
          "clip": 13, "dino": 14}
-STEPS = {"vae": 1500, "probe": 1800, "t2i": 2800, "clip": 1500, "dino": 800}
+STEPS = {"vae": 1500, "probe": 1500, "t2i": 4200, "clip": 1500, "dino": 400}
 N_BASE, N_WIDE = 40000, 30000
 
 

@@ -260,6 +260,7 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -282,7 +283,9 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
     unet.train()
     text.train()
     alphas = sched.alphas_cumprod
-    with _progress() as pb:
+    # the attention sequences here are 16-24 tokens long: for them the math kernel is faster on CPU
+    # than the flash kernel SDPA would pick
+    with _progress() as pb, sdpa_kernel(SDPBackend.MATH):
         t = pb.add_task("UNet + text encoder", total=steps, info="")
         for step in range(steps):
             _cosine_lr(opt, step, steps, base_lr, warmup=warmup)
