@@ -92,6 +92,14 @@ def test_builtin_resolution():
         resolve_builtin("builtin:shapes-world/no/such/file")
 
 
+def test_builtin_spec_inverts_resolution(tmp_path):
+    from kps_bench.world import builtin_spec
+
+    for spec in ["builtin:shapes-world", "builtin:shapes-world/probe", "builtin:shapes-world/clip/open_clip_config.json"]:
+        assert builtin_spec(resolve_builtin(spec)) == spec
+    assert builtin_spec(tmp_path / "probe") == str(tmp_path / "probe")
+
+
 def test_importing_the_world_is_cheap():
     code = "import sys, kps_bench.world, kps_bench.world.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -463,6 +463,7 @@ class Trainer:
             i = int(torch.randint(0, len(cache), (1,), generator=g))
             if image_captions is None:
                 c = int(torch.randint(0, len(self.captions.templates), (1,), generator=g))
+                # no draw at all without dropout: the random stream (and so every result) stays as before
                 if self.recipe.caption_dropout > 0 and float(torch.rand((1,), generator=g)) < self.recipe.caption_dropout:
                     c = len(self.captions.templates)  # the empty prompt
             else:

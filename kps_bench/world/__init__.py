@@ -40,6 +40,17 @@ def resolve_builtin(spec: str, default_sub: str = "") -> pathlib.Path:
     return path
 
 
+def builtin_spec(path: pathlib.Path | str) -> str:
+    """The inverse of ``resolve_builtin``: ``builtin:shapes-world/<subpath>`` for a path inside the shipped
+    world (so results name it the same way on every machine), else the path itself."""
+    p = pathlib.Path(path).resolve()
+    if p == WORLD_DIR:
+        return f"{BUILTIN_PREFIX}{WORLD_NAME}"
+    if WORLD_DIR in p.parents:
+        return f"{BUILTIN_PREFIX}{WORLD_NAME}/{p.relative_to(WORLD_DIR).as_posix()}"
+    return str(path)
+
+
 def is_shapes_world(base_model: str | None) -> bool:
     """True when a protocol's base model is the shipped shapes world (or a world folder)."""
     if base_model is None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from kps_bench.errors import UserError
 
+from . import WORLD_DIR, builtin_spec
+
 FACTORS = ("shape", "colour", "pattern")
 
 
@@ -57,15 +59,6 @@ def signature_of(subject: str, ref_labels: list[dict]) -> dict:
 
 def _shows(lbl: dict, sig: dict) -> bool:
     return lbl["colour"] == sig["colour"] and lbl["pattern"] == sig["pattern"]
-
-
-def _probe_spec(probe_dir: Path | None) -> str:
-    """``builtin:shapes-world/probe`` for the shipped probe (results stay comparable across machines), else its path."""
-    from . import WORLD_DIR
-
-    if probe_dir is None or probe_dir.resolve() == (WORLD_DIR / "probe").resolve():
-        return "builtin:shapes-world/probe"
-    return str(probe_dir)
 
 
 def truth(run_dir, world_dir=None, write: bool = True) -> dict:
@@ -122,7 +115,7 @@ def truth(run_dir, world_dir=None, write: bool = True) -> dict:
 
     gt = {
         "source": "shapes-world ground-truth probe (kps_bench.world.probe)",
-        "probe": _probe_spec(probe_dir),
+        "probe": builtin_spec(probe_dir or WORLD_DIR / "probe"),
         "subjects": out_subjects,
         "overall": {k: mean(k) for k in ("true_identity", "true_leakage", "true_knowledge_shift")},
     }
