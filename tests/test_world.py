@@ -193,8 +193,8 @@ def _shipped_gates_pass() -> bool:
 @needs_world
 @pytest.mark.slow
 @pytest.mark.xfail(not _shipped_gates_pass(), strict=False,
-                   reason="the shipped world does not meet every quality gate yet (10 of 14 pass; failing: "
-                          "DINO k-NN, base shape on full and class prompts, signature look); "
+                   reason="the shipped world does not meet every quality gate yet (13 of 14 pass; failing: "
+                          "DINO k-NN); "
                           "see kps_bench/world/shapes-world/MODEL_CARD.md")
 def test_world_check_gates_hold_on_a_reduced_sample(tmp_path):
     from kps_bench.world.check import check

@@ -18,7 +18,7 @@ from .subjects import SUBJECT_PATTERN_COLOURS, SUBJECTS, reference_images
 
 SEEDS = {"base_data": 1, "probe_data": 2, "heldout": 3, "subjects": 0, "vae": 10, "probe": 11, "t2i": 12,
          "clip": 13, "dino": 14}
-STEPS = {"vae": 1500, "probe": 1500, "t2i": 4200, "clip": 1500, "dino": 400}
+STEPS = {"vae": 2500, "probe": 1500, "t2i": 6000, "clip": 1500, "dino": 400}
 N_BASE, N_WIDE = 40000, 30000
 
 
@@ -79,8 +79,6 @@ def finalize(out) -> None:
 
 
 def build(out: str | os.PathLike, scale: float = 1.0, run_check: bool = True, log=print) -> Path:
-    # passive OpenMP waiting: far less time lost when the two cores are shared with other work
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 2) if os.environ.get("KPS_WORLD_THREADS") is None

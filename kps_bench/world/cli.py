@@ -16,7 +16,7 @@ def world() -> None:
               help="Fraction of the training budget (1.0 = the shipped world; smaller for smoke tests).")
 @click.option("--no-check", is_flag=True, help="Skip the quality-gate check at the end.")
 def build_cmd(out: str, scale: float, no_check: bool) -> None:
-    """Render the data and train every model of the shapes world from scratch (about 57 min on 2 cores)."""
+    """Render the data and train every model of the shapes world from scratch (about 55 min on 2 cores)."""
     from .build import build
 
     build(out, scale=scale, run_check=not no_check, log=click.echo)

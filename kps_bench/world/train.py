@@ -33,7 +33,8 @@ def _tick(pb, task, step, steps, info):
     import sys
 
     pb.update(task, completed=step, info=info)
-    if not sys.stderr.isatty() and steps >= 20 and step % max(1, steps // 20) == 0:
+    # called every 20 steps: print on the call that enters each 5% bucket
+    if not sys.stderr.isatty() and steps >= 20 and step % max(1, steps // 20) < 20:
         desc = pb.tasks[task].description if hasattr(pb, "tasks") else ""
         print(f"  {desc} {step}/{steps} {info} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
 
@@ -42,6 +43,15 @@ def _to_float(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _bf16():
+    """bfloat16 autocast for a training forward pass (weights, gradients and optimiser stay float32).
+    Used where it measured faster on the 2-core AVX512-BF16 build machine: UNet + text encoder 22%,
+    VAE 18%, probe 2x per step; CLIP's step is slower under it and stays float32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def _cosine_lr(opt, step, total, base, warmup=100):
@@ -82,10 +92,11 @@ def train_vae(images: np.ndarray, steps: int, seed: int, batch: int = 64, log=pr
             _cosine_lr(opt, step, steps, lr)
             idx = g.integers(0, len(x_all), batch)
             x = _to_float(x_all[idx]) * 2 - 1
-            post = vae.encode(x).latent_dist
-            z = post.mean
-            z = z + latent_noise * z.detach().std() * torch.randn_like(z)
-            rec = vae.decode(z).sample
+            with _bf16():
+                post = vae.encode(x).latent_dist
+                z = post.mean.float()
+                z = z + latent_noise * z.detach().std() * torch.randn_like(z)
+                rec = vae.decode(z).sample.float()
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * post.mean.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -200,8 +211,9 @@ def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, re
                 x = _to_float(images[idx])
             if g.random() < 0.5:
                 x = _blur_noise(x, g)
-            out = m(x)
-            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in out)
+            with _bf16():
+                out = m(x)
+            loss = sum(F.cross_entropy(out[k].float(), labels[k][idx]) for k in out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -245,8 +257,7 @@ class _Ema:
 
         d = min(self.decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ps, p in zip(self.shadow.parameters(), module.parameters()):
-                ps.mul_(d).add_(p.detach(), alpha=1 - d)
+            torch._foreach_lerp_(list(self.shadow.parameters()), [p.detach() for p in module.parameters()], 1 - d)
 
 
 def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_factor: float, steps: int,
@@ -269,7 +280,7 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
     unet = UNet2DConditionModel(**unet_config())
     sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
     params = [{"params": unet.parameters(), "lr_mult": 1.0}, {"params": text.parameters(), "lr_mult": 1.0}]
-    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=1e-2, fused=True)
     ema_u, ema_t = _Ema(unet, 0.999), _Ema(text, 0.999)
     tok_cache: dict[str, list[int]] = {}
 
@@ -296,8 +307,9 @@ def train_t2i(latent_mean, latent_std, fs: list[Factors], tokenizer, scaling_fac
             noise = torch.randn_like(z)
             ts = torch.from_numpy(g.integers(0, 1000, batch)).long()
             zt = sched.add_noise(z, noise, ts)
-            enc = text(ids).last_hidden_state
-            pred = unet(zt, ts, encoder_hidden_states=enc).sample
+            with _bf16():
+                enc = text(ids).last_hidden_state
+                pred = unet(zt, ts, encoder_hidden_states=enc).sample.float()
             loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             if snr_gamma is not None:
                 snr = alphas[ts] / (1 - alphas[ts])
