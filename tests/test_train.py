@@ -179,6 +179,24 @@ def test_saved_lora_loads_with_plain_diffusers_and_changes_the_output(tmp_path, 
     assert abs(after - before).max() > 1e-4
 
 
+def test_the_same_lora_gives_the_same_file_bytes_in_every_process(tmp_path, tiny):
+    """Two processes with different string-hash seeds write byte-identical adapter files (content hashes
+    and the run cache keys built on them must not depend on the process)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    digests = set()
+    for seed in ("1", "2"):
+        out = tmp_path / f"lora-{seed}"
+        cmd = [sys.executable, "-m", "kps_bench", "train-baseline", "lora", "--protocol", str(tiny), "--subject",
+               "blue-ball", "--out", str(out), "--device", "cpu", *[a for s in FAST for a in ("--set", s)]]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        digests.add(hashlib.sha256((out / LORA_FILE).read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
 def test_textual_inversion_leaves_other_rows_untouched(tmp_path, tiny, protocol):
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -58,10 +58,14 @@ def save_lora(trainer: Trainer, unet) -> list[str]:
     unet = trainer.accelerator.unwrap_model(unet)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    # peft keeps target_modules as a set, whose order follows the process's string-hash seed: sorted, the
+    # same weights give the same file bytes (and sha256) in every process
+    config = unet.peft_config[ADAPTER]
+    metadata = {**config.to_dict(), "target_modules": sorted(config.target_modules)}
     if trainer.accelerator.is_main_process:
         StableDiffusionPipeline.save_lora_weights(
             trainer.work, unet_lora_layers=layers, weight_name=LORA_FILE, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
+            unet_lora_adapter_metadata=metadata)
     trainer.extra["lora"] = {"rank": trainer.recipe.rank, "alpha": trainer.recipe.alpha,
                              "target_modules": lora_target_modules(), "tensors": len(layers)}
     return [LORA_FILE]
