@@ -7,6 +7,7 @@ foundation's ``score``: the overall values are means over subjects with joint bo
 base model (no adapter) is the reference row. Everything already on disk under ``--out`` is reused.
 
     python benchmarks/shapes_world_table.py --out runs/trainers [--methods cat lora] [--cat-weights 0.5 2 4]
+        [--protocol-set generation.guidance_scale=3]
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/trainers"))
     ap.add_argument("--protocol", default="shapes-world")
+    ap.add_argument("--protocol-set", dest="protocol_sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="protocol override, e.g. generation.guidance_scale=3 (as kps-bench run --set)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--subjects", nargs="*", default=None)
     ap.add_argument("--cat-weights", nargs="*", type=float, default=[], help="extra CAT runs with these cat_weight")
@@ -90,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    protocol = load_protocol(args.protocol)
+    protocol = load_protocol(args.protocol, args.protocol_sets)
 
     def truth(run_dir, write=True):  # the probe's ground truth exists on the shapes world only
         if is_shapes_world(protocol.base_model):

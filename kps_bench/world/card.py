@@ -110,6 +110,19 @@ def write_model_card(world) -> Path:
         failed = [g["gate"] for g in c["gates"] if not g["passed"]]
         if failed:
             lines += ["", "**Gates not met by this build:** " + "; ".join(failed) + ". See Known limitations."]
+        ceil = c["details"].get("identity_ceilings")
+        if ceil:
+            lines += ["", "## What identity can reach on this world (`world check`, details.identity_ceilings)", "",
+                      "Benchmark `identity` ((1 + cos) / 2 of the shipped CLIP against the subject's references) and the",
+                      "probe's signature rate, of fresh renders of the subject, of their VAE reconstructions (every",
+                      "generated image is decoded by this VAE: about what a perfect adapter reaches) and of random members of the",
+                      "subject's class (an adapter that learned nothing).", "",
+                      "| subject | identity: renders | VAE reconstructions | class members | signature: renders | VAE reconstructions |",
+                      "|---|---|---|---|---|---|"]
+            for name, x in ceil.items():
+                lines.append(f"| {name} | {x['identity_renders']:.3f} | {x['identity_vae_reconstructions']:.3f} | "
+                             f"{x['identity_class_members']:.3f} | {x['signature_renders']:.3f} | "
+                             f"{x['signature_vae_reconstructions']:.3f} |")
     if b.get("limitations"):
         lines += ["", "## Known limitations", ""] + [f"- {x}" for x in b["limitations"]]
     else:

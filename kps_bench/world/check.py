@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import BACKGROUNDS, BASE_COLOURS, COLOURS, SHAPES, sample_dataset
+from .render import BACKGROUNDS, BASE_COLOURS, COLOURS, SHAPES, render_many, sample_dataset, sample_factors
 
 HELDOUT_SEED = 3
 BANK_SEED = 4
 GEN_SEED = 5
+CEILING_SEED = 6
 STEPS, GUIDANCE, BATCH = 25, 7.5, 32
 
 
@@ -23,7 +24,7 @@ def load_pipeline(world: Path, dtype: str = "float32"):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(world / "pipeline"), torch_dtype=getattr(torch, dtype))
+    pipe = StableDiffusionPipeline.from_pretrained(str(world / "pipeline"), dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -92,7 +93,6 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
     zs = T.clip_zero_shot(clip, himgs, hfs)
     gate("CLIP zero-shot shape", zs["shape"], 0.95)
     gate("CLIP zero-shot colour", zs["colour"], 0.90)
-    del clip
 
     # DINO k-NN (k=20), bank of 2000 renders
     vit = ViTModel.from_pretrained(str(world / "dino"), torch_dtype=torch.float32).eval()
@@ -132,6 +132,9 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
     any_sig = np.mean([any(p["colour"] == s.colour and p["pattern"] == s.pattern for s in SUBJECTS) for p in cp])
     gate("base class prompts: subject signature look", any_sig, 0.05, op="<=", n_img=n_cls)
 
+    ceilings = identity_ceilings(clip, pipe.vae, world, n)
+    del clip
+
     # speed: batch 32, 25 steps, guidance 7.5
     per = (sec + sec2) / 2
     gate("generation speed (images/s, batch 32, 25 steps, CFG)", 1.0 / per, 10.0, n_img=n + n_cls)
@@ -146,6 +149,7 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
             "class_prompt_colour_entropy_per_shape": dict(zip(SHAPES, [round(e, 4) for e in per_shape])),
             "class_prompt_colour_counts": dict(Counter(p["colour"] for p in cp)),
             "signature_rate_per_subject_on_its_class": leak_rates,
+            "identity_ceilings": ceilings,
             "images_per_second": round(1.0 / per, 2),
             "threads": torch.get_num_threads(),
         },
@@ -153,11 +157,60 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
         "measured_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     print_table(result, log)
+    log(ceilings_text(ceilings))
     if json_path:
         from kps_bench.rundir import write_json_atomic
 
         write_json_atomic(json_path, result)
     return result
+
+
+def identity_ceilings(clip, vae, world: Path, n: int) -> dict:
+    """What the benchmark's ``identity`` and the ground truth can reach on this world, per subject.
+
+    ``identity`` ((1 + cos) / 2 of CLIP embeddings against the subject's shipped references, the metric's
+    definition) of ``n`` fresh renders of the subject, of their VAE reconstructions (every generated image
+    passes through the VAE decoder: about what a perfect adapter reaches) and of ``n`` renders of random members of
+    its class (what an adapter that learned nothing scores); and the probe's signature rate on the
+    renders and on their reconstructions (about the most ground-truth identity can reach)."""
+    from PIL import Image
+
+    from .. import metrics as M
+    from . import train as T
+    from .probe import predict
+    from .subjects import SUBJECTS, subject_factors
+
+    g = np.random.default_rng(CEILING_SEED)
+    out = {}
+    for s in SUBJECTS:
+        refs = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                         for p in sorted((world / "subjects" / s.name).glob("ref_*.png"))])
+        ref_f = T.clip_embed_images(clip, refs)
+        renders = render_many([subject_factors(s, g) for _ in range(n)])
+        recon = T.vae_reconstruct(vae, renders)
+        members = render_many([sample_factors(g, shapes=[s.class_noun]) for _ in range(n)])
+
+        def identity(images):
+            return round(float(M.similarity01(M.cosine_matrix(T.clip_embed_images(clip, images), ref_f)).mean()), 4)
+
+        def signature(images):
+            return round(float(np.mean([p["colour"] == s.colour and p["pattern"] == s.pattern
+                                        for p in predict(images, world / "probe")])), 4)
+
+        out[s.name] = {"identity_renders": identity(renders), "identity_vae_reconstructions": identity(recon),
+                       "identity_class_members": identity(members), "signature_renders": signature(renders),
+                       "signature_vae_reconstructions": signature(recon), "n": n}
+    return out
+
+
+def ceilings_text(ceilings: dict) -> str:
+    rows = ["identity ceilings (CLIP identity of renders / VAE reconstructions / random class members; "
+            "probe signature rate of renders / reconstructions):"]
+    for name, c in ceilings.items():
+        rows.append(f"  {name:<14} identity {c['identity_renders']:.3f} / {c['identity_vae_reconstructions']:.3f} / "
+                    f"{c['identity_class_members']:.3f}   signature {c['signature_renders']:.3f} / "
+                    f"{c['signature_vae_reconstructions']:.3f}")
+    return "\n".join(rows)
 
 
 def print_table(result: dict, log=print) -> None:
