@@ -131,6 +131,28 @@ def check_safetensors(path: Path, what: str) -> list[str]:
                         f"re-download or re-save it.") from None
 
 
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header in place with its ``__metadata__`` entries sorted by key.
+
+    safetensors writes that map in a per-process hash order, so the same tensors and metadata saved by
+    two processes differ in bytes (and sha256) whenever there are two or more entries. The header keeps
+    its length (padded with spaces, as the format allows), so tensor offsets are unchanged."""
+    import struct
+
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # a longer header would move every tensor's offset
+            raise RuntimeError(f"re-serialised safetensors header of '{path}' is longer than the original")
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
+
+
 def _check_folder_is_safe(folder: Path, allow_unsafe_pickle: bool, what: str) -> bool:
     """True when the folder has safetensors weights; refuses a pickle-only folder without the flag."""
     weights = [p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES]

@@ -179,6 +179,27 @@ def test_saved_lora_loads_with_plain_diffusers_and_changes_the_output(tmp_path, 
     assert abs(after - before).max() > 1e-4
 
 
+def test_sorting_safetensors_metadata_keeps_tensors_and_length(tmp_path):
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kps_bench.models import sort_safetensors_metadata
+
+    p = tmp_path / "x.safetensors"
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(5, dtype=torch.float16)}
+    save_file(tensors, str(p), metadata={"zeta": "1", "alpha": "é", "mid": "x"})
+    size = p.stat().st_size
+    sort_safetensors_metadata(p)
+    raw = p.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert list(json.loads(raw[8:8 + n])["__metadata__"]) == ["alpha", "mid", "zeta"] and p.stat().st_size == size
+    with safe_open(str(p), "pt") as f:
+        assert f.metadata() == {"zeta": "1", "alpha": "é", "mid": "x"}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
 def test_the_same_lora_gives_the_same_file_bytes_in_every_process(tmp_path, tiny):
     """Two processes with different string-hash seeds write byte-identical adapter files (content hashes
     and the run cache keys built on them must not depend on the process)."""

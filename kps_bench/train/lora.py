@@ -7,7 +7,7 @@ The output is ``pytorch_lora_weights.safetensors`` written by diffusers' ``save_
 
 from __future__ import annotations
 
-from ..models import LORA_FILE
+from ..models import LORA_FILE, sort_safetensors_metadata
 from .core import LOG_FILE, Trainer, lora_target_modules, to_device, work_folder
 
 ADAPTER = "default"
@@ -58,14 +58,15 @@ def save_lora(trainer: Trainer, unet) -> list[str]:
     unet = trainer.accelerator.unwrap_model(unet)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    # peft keeps target_modules as a set, whose order follows the process's string-hash seed: sorted, the
-    # same weights give the same file bytes (and sha256) in every process
+    # the same weights must give the same file bytes (and sha256) in every process: peft keeps
+    # target_modules as a set (string-hash order) and safetensors writes the metadata map in hash order
     config = unet.peft_config[ADAPTER]
     metadata = {**config.to_dict(), "target_modules": sorted(config.target_modules)}
     if trainer.accelerator.is_main_process:
         StableDiffusionPipeline.save_lora_weights(
             trainer.work, unet_lora_layers=layers, weight_name=LORA_FILE, safe_serialization=True,
             unet_lora_adapter_metadata=metadata)
+        sort_safetensors_metadata(trainer.work / LORA_FILE)
     trainer.extra["lora"] = {"rank": trainer.recipe.rank, "alpha": trainer.recipe.alpha,
                              "target_modules": lora_target_modules(), "tensors": len(layers)}
     return [LORA_FILE]
