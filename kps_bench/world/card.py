@@ -115,8 +115,8 @@ def write_model_card(world) -> Path:
             lines += ["", "## What identity can reach on this world (`world check`, details.identity_ceilings)", "",
                       "Benchmark `identity` ((1 + cos) / 2 of the shipped CLIP against the subject's references) and the",
                       "probe's signature rate, of fresh renders of the subject, of their VAE reconstructions (every",
-                      "generated image is decoded by this VAE: about what a perfect adapter reaches) and of random members of the",
-                      "subject's class (an adapter that learned nothing).", "",
+                      "generated image is decoded by this VAE: about what a perfect adapter reaches) and of random",
+                      "members of the subject's class (an adapter that learned nothing).", "",
                       "| subject | identity: renders | VAE reconstructions | class members | signature: renders | VAE reconstructions |",
                       "|---|---|---|---|---|---|"]
             for name, x in ceil.items():

@@ -169,10 +169,11 @@ def identity_ceilings(clip, vae, world: Path, n: int) -> dict:
     """What the benchmark's ``identity`` and the ground truth can reach on this world, per subject.
 
     ``identity`` ((1 + cos) / 2 of CLIP embeddings against the subject's shipped references, the metric's
-    definition) of ``n`` fresh renders of the subject, of their VAE reconstructions (every generated image
-    passes through the VAE decoder: about what a perfect adapter reaches) and of ``n`` renders of random members of
-    its class (what an adapter that learned nothing scores); and the probe's signature rate on the
-    renders and on their reconstructions (about the most ground-truth identity can reach)."""
+    definition) of ``n`` fresh renders of the subject, of their VAE reconstructions (every generated
+    image passes through the VAE decoder: about what a perfect adapter reaches) and of ``n`` renders of
+    random members of its class (what an adapter that learned nothing scores); and the probe's
+    signature rate on the renders and on their reconstructions (about the most ground-truth identity
+    can reach)."""
     from PIL import Image
 
     from .. import metrics as M
