@@ -208,14 +208,9 @@ def test_world_check_gates_hold_on_a_reduced_sample(tmp_path):
 @needs_world
 def test_identity_ceilings_order_renders_reconstructions_and_class_members():
     """The shipped CLIP rewards a subject's look; the VAE loses part of it; the probe sees it in every render."""
-    import open_clip
+    from kps_bench.world.check import identity_ceilings, load_clip, load_pipeline
 
-    from kps_bench.world import train as T
-    from kps_bench.world.check import identity_ceilings, load_pipeline
-
-    name = T.register_clip_config(json.loads((WORLD_DIR / "clip" / "open_clip_config.json").read_text()))
-    clip = open_clip.create_model(name, pretrained=str(WORLD_DIR / "clip" / "open_clip_model.safetensors")).eval()
-    res = identity_ceilings(clip, load_pipeline(WORLD_DIR).vae, WORLD_DIR, n=16)
+    res = identity_ceilings(load_clip(WORLD_DIR), load_pipeline(WORLD_DIR).vae, WORLD_DIR, n=16)
     assert sorted(res) == ["lime-circle", "magenta-heart", "teal-star"]
     for c in res.values():
         assert c["n"] == 16 and c["signature_renders"] == 1.0

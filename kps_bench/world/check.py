@@ -29,6 +29,16 @@ def load_pipeline(world: Path, dtype: str = "float32"):
     return pipe
 
 
+def load_clip(world: Path):
+    """The world's open_clip model (its registered config + checkpoint), in eval mode."""
+    import open_clip
+
+    from . import train as T
+
+    name = T.register_clip_config(json.loads((world / "clip" / "open_clip_config.json").read_text()))
+    return open_clip.create_model(name, pretrained=str(world / "clip" / "open_clip_model.safetensors")).eval()
+
+
 def generate(pipe, prompts: list[str], seed: int, batch: int = BATCH, steps: int = STEPS,
              guidance: float = GUIDANCE) -> tuple[np.ndarray, float]:
     """uint8 images (n,32,32,3) and seconds spent per image (batches after the first)."""
@@ -56,7 +66,6 @@ def _norm_entropy(labels: list[str], k: int) -> float:
 
 def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, log=print,
           threads: int | None = 2) -> dict:
-    import open_clip
     import torch
     from transformers import ViTModel
 
@@ -87,9 +96,7 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
 
     # CLIP zero-shot on held-out renders of the base distribution
     himgs, hfs, _ = sample_dataset(n, HELDOUT_SEED, with_captions=False)
-    cfg = json.loads((world / "clip" / "open_clip_config.json").read_text())
-    name = T.register_clip_config(cfg)
-    clip = open_clip.create_model(name, pretrained=str(world / "clip" / "open_clip_model.safetensors")).eval()
+    clip = load_clip(world)
     zs = T.clip_zero_shot(clip, himgs, hfs)
     gate("CLIP zero-shot shape", zs["shape"], 0.95)
     gate("CLIP zero-shot colour", zs["colour"], 0.90)
