@@ -117,10 +117,12 @@ class DinoEncoder:
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64):
         import torch
+        from safetensors import safe_open
         from transformers import AutoImageProcessor, ViTModel
 
         quiet_progress_bars()
         local = Path(model).exists()
+        pooler = False  # hub DINO checkpoints have no pooler; a folder saved from a full ViTModel has one
         if local:
             weights = [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin")]
             if weights and not any(p.suffix == ".safetensors" for p in weights):
@@ -128,8 +130,12 @@ class DinoEncoder:
             for p in weights:
                 if p.suffix == ".safetensors":
                     check_safetensors(p, "encoders.dino.model weights")
+                    with safe_open(str(p), "pt") as fh:
+                        pooler = pooler or "pooler.dense.weight" in fh.keys()
         try:
-            self.model = ViTModel.from_pretrained(model, add_pooling_layer=False, use_safetensors=True).to(device).eval()
+            # built to match the checkpoint (the pooler is unused: the feature is the CLS token), so loading
+            # reports only real mismatches
+            self.model = ViTModel.from_pretrained(model, add_pooling_layer=pooler, use_safetensors=True).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(model)
         except OSError as e:
             raise UserError(f"encoders.dino.model: cannot load '{model}' ({str(e).splitlines()[0]}). Give a hub id "

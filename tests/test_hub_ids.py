@@ -46,3 +46,23 @@ def test_unreachable_hub_id_is_a_user_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "UserError" in out.stderr and "Cannot load base model 'nobody/no-such-model'" in out.stderr
+
+
+def test_dino_folder_with_or_without_a_pooler_loads_to_the_same_features(tiny, tmp_path):
+    """A ViT saved by ``ViTModel`` (with its unused pooler, as the shapes world ships it) and one saved without
+    (like facebook/dino-vits16) both load with exactly the checkpoint's weights and give the same CLS features."""
+    import torch
+    from PIL import Image
+    from transformers import ViTModel
+
+    from kps_bench.encoders import DinoEncoder
+
+    bare = DinoEncoder(str(tiny / "dino"))
+    full = ViTModel.from_pretrained(tiny / "dino", add_pooling_layer=True)  # the pooler is freshly initialised
+    full.save_pretrained(tmp_path / "dino")
+    shutil.copy(tiny / "dino" / "preprocessor_config.json", tmp_path / "dino")
+    pooled = DinoEncoder(str(tmp_path / "dino"))
+    assert bare.model.pooler is None and pooled.model.pooler is not None
+    assert torch.equal(pooled.model.pooler.dense.weight, full.pooler.dense.weight)
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy", "white")]
+    assert torch.equal(bare.encode_images(images), pooled.encode_images(images))
