@@ -122,7 +122,7 @@ class DinoEncoder:
 
         quiet_progress_bars()
         local = Path(model).exists()
-        pooler = False  # hub DINO checkpoints have no pooler; a folder saved from a full ViTModel has one
+        pooler = False  # facebook/dino-* were converted without a pooler; a folder saved from a full ViTModel has one
         if local:
             weights = [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin")]
             if weights and not any(p.suffix == ".safetensors" for p in weights):
