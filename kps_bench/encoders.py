@@ -117,7 +117,6 @@ class DinoEncoder:
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64):
         import torch
-        from safetensors import safe_open
         from transformers import AutoImageProcessor, ViTModel
 
         quiet_progress_bars()
@@ -129,9 +128,7 @@ class DinoEncoder:
                 refuse_pickle(weights[0], False, "encoders.dino.model weights")
             for p in weights:
                 if p.suffix == ".safetensors":
-                    check_safetensors(p, "encoders.dino.model weights")
-                    with safe_open(str(p), "pt") as fh:
-                        pooler = pooler or "pooler.dense.weight" in fh.keys()
+                    pooler = "pooler.dense.weight" in check_safetensors(p, "encoders.dino.model weights") or pooler
         try:
             # built to match the checkpoint (the pooler is unused: the feature is the CLS token), so loading
             # reports only real mismatches
