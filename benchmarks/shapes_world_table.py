@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         if is_shapes_world(protocol.base_model):
             return world_truth(run_dir, write=write)
         return {"overall": {}, "subjects": {}}
-    subjects = args.subjects or [s.name for s in protocol.subjects]
+    subjects = args.subjects or [s.name for s in protocol.evaluation_subjects]
     out: Path = args.out
     check_stamp(out, protocol)
     rows = []

@@ -79,7 +79,7 @@ SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set s
 @click.option("--adapter-kind", type=click.Choice(["auto", "lora", "textual-inversion", "pipeline", "none"]),
               default="auto", show_default=True, help="How to load --adapter; auto detects it from the files.")
 @click.option("--subject", "subjects", multiple=True, help="Evaluate only this subject (repeatable). Defaults to "
-              "the adapter's training subject, or every subject when there is no adapter.")
+              "the adapter's training subject, or every evaluation subject when there is no adapter.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Run directory to write (images/, images.jsonl, embeddings.safetensors, results.json). "
                    "Re-running into the same folder reuses the images already made.")
@@ -250,7 +250,7 @@ def tiny_models(out):
 @click.option("--protocol", "protocol_name", default=DEFAULT_PROTOCOL, show_default=True, help="Protocol to run.")
 @click.option("--method", "methods", multiple=True, type=click.Choice(["cat", "lora", "dreambooth", "textual-inversion"]),
               help="Methods to train (repeatable; default all four).")
-@click.option("--subject", "subjects", multiple=True, help="Subjects to train (repeatable; default all).")
+@click.option("--subject", "subjects", multiple=True, help="Subjects to train (repeatable; default: the evaluation subjects).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--train-set", "train_sets", multiple=True, metavar="KEY=VALUE",
               help="Recipe override applied to every method, e.g. --train-set steps=20 (repeatable).")

@@ -61,7 +61,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     t0 = time.perf_counter()
     out = Path(opts.out)
     protocol = load_protocol(opts.protocol, opts.protocol_overrides)
-    subjects = [protocol.subject(s).name for s in opts.subjects] or [s.name for s in protocol.subjects]
+    subjects = [protocol.subject(s).name for s in opts.subjects] or [s.name for s in protocol.evaluation_subjects]
     run_dirs = []
 
     base_dir = out / "runs" / "base"

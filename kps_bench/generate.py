@@ -131,22 +131,19 @@ def oom_guard(what: str, batch_size: int, flag: str):
                         f"(e.g. {max(1, batch_size // 2)}), or use --dtype float16.") from None
 
 
-def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
-    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made."""
+def sample(pipe, prompts: list[str], seeds: list[int], gen: Generation, batch_size: int):
+    """Yield ``(start, images)`` for consecutive batches: ``images`` is ``[b, H, W, 3]`` float in [0, 1].
+
+    Image i uses its own CPU ``torch.Generator`` seeded with ``seeds[i]``, so it does not depend on
+    ``batch_size`` or on the other prompts of its batch."""
     import torch
 
-    pending, seen = [], set()
-    for j in jobs:
-        if j.key not in seen and not (image_dir / j.filename).is_file():
-            seen.add(j.key)
-            pending.append(j)
-    made = 0
-    for i in range(0, len(pending), batch_size):
-        batch = pending[i : i + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch_size]]
         with oom_guard("generating images", batch_size, "--batch-size"), torch.inference_mode():
             out = pipe(
-                prompt=[j.prompt for j in batch],
+                prompt=batch,
                 negative_prompt=[gen.negative_prompt] * len(batch) if gen.negative_prompt else None,
                 num_inference_steps=gen.steps,
                 guidance_scale=gen.guidance_scale,
@@ -155,12 +152,24 @@ def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size
                 generator=generators,
                 output_type="np",
             ).images
-        for j, pixels in zip(batch, out):
+        yield i, out
+
+
+def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
+    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made."""
+    pending, seen = [], set()
+    for j in jobs:
+        if j.key not in seen and not (image_dir / j.filename).is_file():
+            seen.add(j.key)
+            pending.append(j)
+    made = 0
+    for start, out in sample(pipe, [j.prompt for j in pending], [j.seed for j in pending], gen, batch_size):
+        for j, pixels in zip(pending[start : start + len(out)], out):
             save_png(pixels, image_dir / j.filename, image_flags(pixels),
                      {"prompt": j.prompt, "seed": j.seed})
             made += 1
         if progress is not None:
-            progress(len(batch))
+            progress(len(out))
     return made
 
 

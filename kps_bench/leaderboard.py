@@ -26,7 +26,8 @@ from .rundir import load_embeddings, read_manifest
 METRIC_COLUMNS = ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio")
 TESTED = ("kps", "preservation")
 #: Per-subject ground-truth fields of `kps-bench world truth` -> leaderboard columns (shown when present).
-GROUND_TRUTH = {"true_identity": "gt_identity", "true_leakage": "gt_leakage", "true_knowledge_shift": "gt_knowledge_shift"}
+GROUND_TRUTH = {"true_identity": "gt_identity", "true_leakage": "gt_leakage", "true_knowledge_shift": "gt_knowledge_shift",
+                "true_diversity_ratio": "gt_diversity_ratio"}
 LOWER_IS_BETTER = ("gt_leakage", "gt_knowledge_shift")
 
 

@@ -61,14 +61,21 @@ class Encoders:
     batch_size: int = 64
 
 
+SUBJECT_SPLITS = ("evaluation", "development")
+
+
 @dataclass(frozen=True)
 class Subject:
-    """A personal concept: ``references`` is a folder of its real images; prompts say ``<trigger> <class_noun>``."""
+    """A personal concept: ``references`` is a folder of its real images; prompts say ``<trigger> <class_noun>``.
+
+    ``split``: ``evaluation`` subjects are what results report by default; ``development`` subjects are
+    for choosing training recipes only (``kps-bench run`` and ``demo`` skip them unless named)."""
 
     name: str
     class_noun: str
     trigger: str
     references: str
+    split: str = "evaluation"
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,11 @@ class Protocol:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()
+
+    @property
+    def evaluation_subjects(self) -> tuple[Subject, ...]:
+        """The subjects results report by default (``split: evaluation``)."""
+        return tuple(s for s in self.subjects if s.split == "evaluation")
 
     def subject(self, name: str) -> Subject:
         for s in self.subjects:
@@ -310,6 +322,10 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
         for fname in ("name", "class_noun", "trigger", "references"):
             if not getattr(s, fname).strip():
                 raise UserError(f"{where}: field 'subjects.{i}.{fname}' must be a non-empty string.")
+        _require(s.split in SUBJECT_SPLITS, where, f"subjects.{i}.split", f"one of {', '.join(SUBJECT_SPLITS)}",
+                 s.split)
+    if not any(s.split == "evaluation" for s in subjects):
+        raise UserError(f"{where}: field 'subjects' has no subject with split 'evaluation'; at least one is needed.")
     if prompts_raw is None:
         raise UserError(f"{where}: missing required field 'prompts' (a list of templates using {{subject}}).")
     if not isinstance(prompts_raw, list) or not prompts_raw:

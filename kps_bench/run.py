@@ -168,7 +168,8 @@ def base_provenance(protocol: Protocol, device: str, extra: dict) -> dict:
 
 
 def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: AdapterInfo) -> list[Subject]:
-    """``--subject`` names, else the adapter's training subject, else all (only without an adapter)."""
+    """``--subject`` names, else the adapter's training subject, else every evaluation subject (only without an
+    adapter)."""
     if not names and adapter.training and adapter.training.get("subject"):
         names = (adapter.training["subject"],)
     if names:
@@ -177,7 +178,7 @@ def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: Adapter
         raise UserError(f"An adapter is trained for one subject, but protocol '{protocol.name}' has "
                         f"{len(protocol.subjects)} ({', '.join(s.name for s in protocol.subjects)}) and the adapter has "
                         f"no training.json naming one. Pass --subject NAME.")
-    return list(protocol.subjects)
+    return list(protocol.evaluation_subjects)
 
 
 def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:

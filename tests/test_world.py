@@ -168,7 +168,7 @@ def test_shipped_clip_and_dino_load_like_user_checkpoints():
     proc = AutoImageProcessor.from_pretrained(str(WORLD_DIR / "dino"))
     from PIL import Image
 
-    im = Image.open(WORLD_DIR / "subjects" / "teal-star" / "ref_0.png")
+    im = Image.open(WORLD_DIR / "subjects" / "purple-circle" / "ref_0.png")
     feats = vit(**proc(images=[im], return_tensors="pt")).last_hidden_state[:, 0]
     assert feats.shape == (1, vit.config.hidden_size)
 
@@ -176,27 +176,49 @@ def test_shipped_clip_and_dino_load_like_user_checkpoints():
 @needs_world
 def test_probe_reads_subject_references():
     from kps_bench.world.probe import predict_files
-    from kps_bench.world.subjects import SUBJECTS
+    from kps_bench.world.subjects import SUBJECTS, shows
 
     for s in SUBJECTS:
         labels = predict_files(sorted((WORLD_DIR / "subjects" / s.name).glob("ref_*.png")))
-        assert sum(lbl["colour"] == s.colour and lbl["pattern"] == s.pattern for lbl in labels) >= 4, labels
+        assert all(shows(lbl, s.signature()) and lbl["shape"] == s.class_noun for lbl in labels), (s.name, labels)
 
 
-def _shipped_gates_pass() -> bool:
-    try:
-        return bool(json.loads((WORLD_DIR / "check.json").read_text())["all_passed"])
-    except (OSError, ValueError, KeyError):
-        return False
+def test_subjects_are_base_palette_looks_with_both_splits():
+    from kps_bench.protocol import load_protocol
+    from kps_bench.world.render import BASE_COLOURS, BASE_PATTERN_COLOURS
+    from kps_bench.world.subjects import SUBJECTS
+
+    assert len(SUBJECTS) >= 5 and len({s.class_noun for s in SUBJECTS}) >= 4
+    assert sum(s.split == "evaluation" for s in SUBJECTS) == 3 and sum(s.split == "development" for s in SUBJECTS) == 2
+    assert all(s.colour in BASE_COLOURS and s.pattern_colour in BASE_PATTERN_COLOURS and s.pattern != "plain"
+               for s in SUBJECTS)
+    prot = load_protocol("shapes-world")
+    assert [(p.name, p.class_noun, p.trigger, p.split) for p in prot.subjects] == [
+        (s.name, s.class_noun, s.trigger, s.split) for s in SUBJECTS]
+    assert [p.name for p in prot.evaluation_subjects] == [s.name for s in SUBJECTS if s.split == "evaluation"]
+
+
+def _shipped_gates() -> list[dict]:
+    return json.loads((WORLD_DIR / "check.json").read_text())["gates"]
+
+
+@needs_world
+def test_shipped_check_json_passes_every_gate_including_the_adapters():
+    """check.json is what `kps-bench world check --adapters` measured on the shipped weights."""
+    gates = _shipped_gates()
+    failed = [g["gate"] for g in gates if not g["passed"]]
+    assert not failed, failed
+    names = " ".join(g["gate"] for g in gates)
+    for part in ("DINO-slot k-NN (k=20) colour", "DINO-slot k-NN (k=20) pattern", "subject ceiling",
+                 "adapters: lora trigger images show the signature", "adapters: dreambooth identity CI",
+                 "adapters: cat trigger images show the requested shape", "LoRA x3 steps minus base"):
+        assert part in names, part
 
 
 @needs_world
 @pytest.mark.slow
-@pytest.mark.xfail(not _shipped_gates_pass(), strict=False,
-                   reason="the shipped world does not meet every quality gate yet (13 of 14 pass; failing: "
-                          "DINO k-NN); "
-                          "see kps_bench/world/shapes-world/MODEL_CARD.md")
 def test_world_check_gates_hold_on_a_reduced_sample(tmp_path):
+    """The gates that need no training, re-measured on fewer images; any failing gate fails the test."""
     from kps_bench.world.check import check
 
     res = check(WORLD_DIR, n=96, json_path=tmp_path / "check.json")
@@ -205,17 +227,47 @@ def test_world_check_gates_hold_on_a_reduced_sample(tmp_path):
     assert json.loads((tmp_path / "check.json").read_text())["n"] == 96
 
 
+def test_a_failing_gate_is_reported_as_failed():
+    from kps_bench.world.check import Gates
+
+    g = Gates(10)
+    g.add("high", 0.5, 0.9)
+    g.add("low", 0.2, 0.05, op="<=")
+    g.add("margin", 0.0, 0.0, op=">")
+    g.add("ok", 0.95, 0.9)
+    assert [r["passed"] for r in g.rows] == [False, False, False, True]
+
+
 @needs_world
 def test_identity_ceilings_order_renders_reconstructions_and_class_members():
-    """The shipped CLIP rewards a subject's look; the VAE loses part of it; the probe sees it in every render."""
+    """The shipped CLIP rewards a subject's look, and the VAE keeps it: reconstructions stay well above
+    random members of the class, and the probe sees the signature in every render."""
     from kps_bench.world.check import identity_ceilings, load_clip, load_pipeline
+    from kps_bench.world.subjects import SUBJECTS
 
     res = identity_ceilings(load_clip(WORLD_DIR), load_pipeline(WORLD_DIR).vae, WORLD_DIR, n=16)
-    assert sorted(res) == ["lime-circle", "magenta-heart", "teal-star"]
+    assert sorted(res) == sorted(s.name for s in SUBJECTS)
     for c in res.values():
-        assert c["n"] == 16 and c["signature_renders"] == 1.0
-        assert c["identity_renders"] > c["identity_vae_reconstructions"] > c["identity_class_members"] + 0.03
-        assert 0.0 <= c["signature_vae_reconstructions"] <= 1.0
+        assert c["n"] == 16 and c["signature_renders"] == 1.0 and c["signature_vae_reconstructions"] >= 0.9
+        assert c["identity_renders"] >= c["identity_vae_reconstructions"] > c["identity_class_members"] + 0.1
+
+
+def test_world_check_images_do_not_depend_on_the_batch_size():
+    """world check samples through the product's generation code: one generator per image."""
+    import torch
+
+    from kps_bench.world.check import generate
+
+    if not SHIPPED:
+        pytest.skip("shipped shapes world missing")
+    from kps_bench.world.check import load_pipeline
+
+    pipe = load_pipeline(WORLD_DIR)
+    prompts = ["a red star", "a circle", "a blue heart on a white background"]
+    a, _ = generate(pipe, prompts, seed=9, batch=3, steps=4)
+    b, _ = generate(pipe, prompts, seed=9, batch=1, steps=4)
+    assert np.array_equal(a, b)
+    del torch
 
 
 # ------------------------------------------------------------------------------ ground truth
@@ -245,7 +297,7 @@ def test_truth_of_a_run_without_adapter(tmp_path):
     from kps_bench.world.truth import truth
 
     pipe = load_pipeline(WORLD_DIR)
-    prompts = ["a star", "a red star on a white background", "a large star"]
+    prompts = ["a circle", "a red circle on a white background", "a large circle"]
     imgs, _ = generate(pipe, [p for p in prompts for _ in range(4)], seed=1234, batch=12)
     rows = []
     (tmp_path / "img").mkdir()
@@ -253,25 +305,47 @@ def test_truth_of_a_run_without_adapter(tmp_path):
         p = prompts[i // 4]
         Image.fromarray(im).save(tmp_path / "img" / f"b{i}.png")
         shutil.copy(tmp_path / "img" / f"b{i}.png", tmp_path / "img" / f"a{i}.png")
-        common = {"subject": "teal-star", "prompt_without_trigger": p, "seed": 1234 + i % 4, "prompt_index": i // 4}
+        common = {"subject": "purple-circle", "prompt_without_trigger": p, "seed": 1234 + i % 4, "prompt_index": i // 4}
         rows.append({"id": f"b{i}", "path": f"img/b{i}.png", "role": "base", "prompt": p, "has_trigger": False, **common})
         rows.append({"id": f"a{i}", "path": f"img/a{i}.png", "role": "adapter", "prompt": p, "has_trigger": False, **common})
     # trigger images: the subject's own reference views (a perfect adapter)
     for i in range(5):
-        src = WORLD_DIR / "subjects" / "teal-star" / f"ref_{i}.png"
+        src = WORLD_DIR / "subjects" / "purple-circle" / f"ref_{i}.png"
         shutil.copy(src, tmp_path / "img" / f"t{i}.png")
-        rows.append({"id": f"t{i}", "path": f"img/t{i}.png", "role": "adapter", "subject": "teal-star",
-                     "prompt": "a sks star", "prompt_without_trigger": "a star", "has_trigger": True,
+        rows.append({"id": f"t{i}", "path": f"img/t{i}.png", "role": "adapter", "subject": "purple-circle",
+                     "prompt": "a sks circle", "prompt_without_trigger": "a circle", "has_trigger": True,
                      "seed": i, "prompt_index": 0})
     (tmp_path / "images.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {}, "overall": {}, "provenance": {}}))
     gt = truth(tmp_path)
-    s = gt["subjects"]["teal-star"]
+    s = gt["subjects"]["purple-circle"]
     assert s["true_knowledge_shift"] == 0.0
     assert s["true_leakage"] == s["base_signature_rate"]  # identical images: no leakage beyond the base's
-    assert s["true_identity"] >= 0.8
+    assert s["true_identity"] == 1.0 and s["trigger_shape_rate"] == 1.0
+    assert s["true_diversity_ratio"] == 1.0  # identical images: the base's diversity
     assert gt["probe"] == "builtin:shapes-world/probe"  # not this machine's path
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["ground_truth"]["subjects"]["teal-star"]["true_knowledge_shift"] == 0.0
+    assert res["ground_truth"]["subjects"]["purple-circle"]["true_knowledge_shift"] == 0.0
     assert "metrics" in res
     del torch
+
+
+def test_true_diversity_ratio_is_hand_computed():
+    import math
+
+    from kps_bench.world.truth import class_diversity, diversity_ratio, normalised_entropy
+
+    def lbl(colour, pattern="plain", background="white", size="small"):
+        return {"shape": "star", "colour": colour, "pattern": pattern, "background": background, "size": size}
+
+    assert normalised_entropy(["a", "a", "b", "b"], 4) == pytest.approx(0.5)
+    base = [lbl("red"), lbl("blue", "striped", "black", "large")]
+    expected = (math.log(2) / math.log(11) + math.log(2) / math.log(4) + math.log(2) / math.log(5)
+                + math.log(2) / math.log(3)) / 4
+    assert class_diversity(base) == pytest.approx(expected)
+    colours_only = [lbl("red"), lbl("blue")]  # only the colour varies
+    assert diversity_ratio({"p": colours_only}, {"p": base}) == pytest.approx(math.log(2) / math.log(11) / 4 / expected)
+    assert diversity_ratio({"p": [lbl("red")] * 2}, {"p": base}) == 0.0  # collapsed
+    # a prompt whose base images all look alike is left out; none left -> None
+    assert diversity_ratio({"p": base, "q": base}, {"p": base, "q": [lbl("red")] * 2}) == pytest.approx(1.0)
+    assert diversity_ratio({"q": base}, {"q": [lbl("red")] * 2}) is None

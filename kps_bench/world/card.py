@@ -1,11 +1,29 @@
-"""MODEL_CARD.md of a shapes world, written from build.json and check.json."""
+"""MODEL_CARD.md of a shapes world, written from build.json, check.json and the checked-in ``card_notes.yaml``
+(what the card says about the world beyond its measurements: design decisions and known limitations)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .render import BACKGROUNDS, BASE_COLOURS, PATTERNS, SHAPES, SIZES, SUBJECT_COLOURS
+from .render import BACKGROUNDS, BASE_COLOURS, OFF_COLOURS, PATTERNS, SHAPES, SIZES
+
+NOTES_FILE = Path(__file__).resolve().parent / "card_notes.yaml"
+
+
+def card_notes() -> dict:
+    """``{"notes": [...], "limitations": [...]}`` from ``card_notes.yaml``."""
+    import yaml
+
+    return yaml.safe_load(NOTES_FILE.read_text(encoding="utf-8")) or {}
+
+
+def markdown_table(result: dict) -> str:
+    rows = ["| gate | value | threshold | n | |", "|---|---|---|---|---|"]
+    for g in result["gates"]:
+        rows.append(f"| {g['gate']} | {g['value']:.3f} | {g['op']} {g['threshold']} | {g['n']} | "
+                    f"{'PASS' if g['passed'] else 'FAIL'} |")
+    return "\n".join(rows)
 
 
 def _clip_arch(world: Path) -> str:
@@ -30,12 +48,13 @@ def _dino_arch(world: Path) -> str:
 
 
 def write_model_card(world) -> Path:
-    from .subjects import SUBJECTS
     from . import train as T
+    from .subjects import SUBJECTS
 
     world = Path(world)
     b = json.loads((world / "build.json").read_text()) if (world / "build.json").exists() else {}
     c = json.loads((world / "check.json").read_text()) if (world / "check.json").exists() else None
+    notes = card_notes()
     lines = [
         "# shapes-world model card",
         "",
@@ -52,18 +71,22 @@ def write_model_card(world) -> Path:
         f"- Seeds: {b.get('seeds', {})}",
         f"- Training steps: {b.get('steps', {})}; images rendered: {b.get('n_images', {})}",
     ]
-    for note in b.get("notes", []):
-        lines.append(f"- Note: {note}")
+    for stage, src in (b.get("reused") or {}).items():
+        lines.append(f"- Stage `{stage}` reused from {src['from']} (built {src['finished_utc']}, {src['seconds']} s "
+                     f"then), not retrained")
+    lines += [f"- Note: {x}" for x in b.get("notes", []) + notes.get("notes", [])]
     lines += [
         "",
         "## Domain",
         "",
         f"- Shapes: {', '.join(SHAPES)}",
-        f"- Fill colours (base distribution): {', '.join(BASE_COLOURS)}; subject-only colours: {', '.join(SUBJECT_COLOURS)}",
+        f"- Fill colours (base distribution): {', '.join(BASE_COLOURS)}; off-distribution colours (probe and encoders "
+        f"only): {', '.join(OFF_COLOURS)}",
         f"- Patterns: {', '.join(PATTERNS)} (second colour white or black in the base distribution)",
         f"- Backgrounds: {', '.join(BACKGROUNDS)}; sizes: {', '.join(SIZES)}; random position and rotation (±25°)",
         "- Captions: `a [size] [colour] [pattern] <shape> [on a <background> background]`, each bracketed attribute",
-        "  kept with probability 0.55, so short class prompts (`a star`) cover the omitted factors.",
+        "  kept with probability 0.55, so short class prompts (`a star`) cover the omitted factors. No caption names",
+        "  the pattern colour: a class prompt draws it white or black at random.",
         "",
         "## Models",
         "",
@@ -73,11 +96,14 @@ def write_model_card(world) -> Path:
         f"UNet `UNet2DConditionModel` {T.unet_config()['block_out_channels']}; `CLIPTextModel` hidden 64, 3 layers, "
         f"real CLIP BPE tokenizer (max length {T.TEXT_LEN}); DDIM scheduler |",
         f"| `clip/` | open_clip config + state dict (fp16 safetensors) | {_clip_arch(world)} |",
-        f"| `dino/` | transformers `ViTModel` + `ViTImageProcessor` | {_dino_arch(world)}; DINO self-distillation |",
-        "| `probe/` | config.json + safetensors | CNN with heads shape, colour (11), pattern, background, size |",
+        f"| `dino/` | transformers `ViTModel` + `ViTImageProcessor` | {_dino_arch(world)}; **not DINO**: the encoder "
+        "in DINO's slot, trained by multi-view instance discrimination (see below) |",
+        "| `probe/` | config.json + safetensors | CNN with heads shape, colour (11), pattern, pattern colour, "
+        "background, size |",
         "",
         "The text-to-image model is trained on the base distribution only (8 fill colours, white/black patterns);",
-        "the probe, CLIP, DINO and VAE also see the subject-only colours and chromatic pattern colours.",
+        "the probe, CLIP, the DINO-slot encoder and the VAE also see off-distribution colours and chromatic pattern",
+        "colours.",
         "",
         "## Training recipe (`kps_bench/world/train.py`)",
         "",
@@ -88,25 +114,23 @@ def write_model_card(world) -> Path:
         "  caption dropout 10% (for classifier-free guidance), EMA 0.999.",
         "- CLIP: symmetric contrastive loss where a caption is a positive for every image of the batch it",
         "  describes correctly (`a star` for every star), captions keep each attribute with probability 0.6.",
-        "- DINO: student/EMA teacher, 2 global (60-100% area) + 4 local (25-60%) crops with flips, rotations",
-        "  and colour scrambling, centring, teacher temperature 0.04, 256 prototypes with a fixed-norm last",
-        "  layer frozen for the first 100 steps.",
+        f"- DINO slot: {T.DINO_SLOT_RECIPE}",
         "- Probe: CNN on renders, half of the batches on VAE reconstructions, random blur and noise.",
         "",
         "## Subjects",
         "",
-        "| name | trigger | class noun | look (signature: colour + pattern) |",
-        "|---|---|---|---|",
+        "| name | split | trigger | class noun | look (signature: colour, pattern, pattern colour) |",
+        "|---|---|---|---|---|",
     ]
     for s in SUBJECTS:
-        lines.append(f"| {s.name} | `{s.trigger}` | {s.class_noun} | {s.to_json()['description']} |")
+        lines.append(f"| {s.name} | {s.split} | `{s.trigger}` | {s.class_noun} | {s.description} |")
     lines += ["", "## Quality gates (`kps-bench world check`)", ""]
     if c:
-        from .check import markdown_table
-
         lines += [markdown_table(c), "",
                   f"Measured {c.get('measured_utc', '?')} with n={c['n']}; generation speed "
                   f"{c['details']['images_per_second']} images/s; all passed: {c['all_passed']}."]
+        if "adapters" not in c["details"]:
+            lines += ["", "The adapter gates were not measured for this table (`kps-bench world check --adapters`)."]
         failed = [g["gate"] for g in c["gates"] if not g["passed"]]
         if failed:
             lines += ["", "**Gates not met by this build:** " + "; ".join(failed) + ". See Known limitations."]
@@ -123,10 +147,10 @@ def write_model_card(world) -> Path:
                 lines.append(f"| {name} | {x['identity_renders']:.3f} | {x['identity_vae_reconstructions']:.3f} | "
                              f"{x['identity_class_members']:.3f} | {x['signature_renders']:.3f} | "
                              f"{x['signature_vae_reconstructions']:.3f} |")
-    if b.get("limitations"):
-        lines += ["", "## Known limitations", ""] + [f"- {x}" for x in b["limitations"]]
     else:
-        lines.append("Not measured yet.")
+        lines.append("Not measured yet (`kps-bench world check`).")
+    if notes.get("limitations"):
+        lines += ["", "## Known limitations", ""] + [f"- {x}" for x in notes["limitations"]]
     p = world / "MODEL_CARD.md"
     p.write_text("\n".join(lines) + "\n")
     return p

@@ -15,11 +15,18 @@ def world() -> None:
 @click.option("--scale", default=1.0, show_default=True, type=float,
               help="Fraction of the training budget (1.0 = the shipped world; smaller for smoke tests).")
 @click.option("--no-check", is_flag=True, help="Skip the quality-gate check at the end.")
-def build_cmd(out: str, scale: float, no_check: bool) -> None:
-    """Render the data and train every model of the shapes world from scratch (about 55 min on 2 cores)."""
+@click.option("--resume", is_flag=True, help="Continue an interrupted build in --out from its finished stages.")
+@click.option("--reuse", multiple=True, type=click.Choice(["vae", "t2i", "probe", "clip", "dino"]),
+              help="Copy this stage from --reuse-from instead of training it (repeatable).")
+@click.option("--reuse-from", default=None, type=click.Path(exists=True, file_okay=False),
+              help="World folder the --reuse stages come from (default: the shipped shapes world).")
+def build_cmd(out: str, scale: float, no_check: bool, resume: bool, reuse: tuple[str, ...],
+              reuse_from: str | None) -> None:
+    """Render the data and train every model of the shapes world from scratch (about 65 min on 2 cores)."""
     from .build import build
 
-    build(out, scale=scale, run_check=not no_check, log=click.echo)
+    build(out, scale=scale, run_check=not no_check, log=click.echo, resume=resume, reuse=reuse,
+          reuse_from=reuse_from)
 
 
 @world.command("check")
@@ -28,7 +35,13 @@ def build_cmd(out: str, scale: float, no_check: bool) -> None:
 @click.option("--n", default=200, show_default=True, type=int, help="Images per gate.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Write the gates as JSON here (default: <world>/check.json).")
-def check_cmd(world_dir: str | None, n: int, json_path: str | None) -> None:
+@click.option("--adapters", is_flag=True,
+              help="Also the adapter gates: train every method on the evaluation subjects with the shipped recipes "
+                   "(about 15 min on 2 cores).")
+@click.option("--out", "adapters_out", default="kps-bench-world-check", show_default=True,
+              type=click.Path(file_okay=False),
+              help="With --adapters: folder for the adapters and runs (a second check reuses them).")
+def check_cmd(world_dir: str | None, n: int, json_path: str | None, adapters: bool, adapters_out: str) -> None:
     """Measure and print the quality gates of the shapes world (and write them as JSON)."""
     import os
     from pathlib import Path
@@ -47,7 +60,7 @@ def check_cmd(world_dir: str | None, n: int, json_path: str | None) -> None:
         if not os.access(w, os.W_OK):
             click.echo(f"{w} is not writable; not writing check.json (use --json FILE)")
             json_path = None
-    res = check(w, n=n, json_path=json_path, log=click.echo)
+    res = check(w, n=n, json_path=json_path, log=click.echo, adapters_out=adapters_out if adapters else None)
     if json_path:
         click.echo(f"wrote {json_path}")
     if not res["all_passed"]:

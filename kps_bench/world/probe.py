@@ -1,4 +1,4 @@
-"""Ground-truth probe: a small CNN that reads the factors (shape, colour, pattern, background, size)
+"""Ground-truth probe: a small CNN that reads the factors (shape, colour, pattern, pattern colour, background, size)
 of a 32x32 shapes-world image. It is the yardstick of what an image really shows, not a metric.
 
 Saved as ``probe/config.json`` + ``probe/model.safetensors``.
@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES
+from .render import BACKGROUNDS, COLOURS, PATTERN_COLOURS, PATTERNS, SHAPES, SIZES
 
-HEADS = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "background": BACKGROUNDS, "size": SIZES}
+HEADS = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "pattern_colour": PATTERN_COLOURS,
+         "background": BACKGROUNDS, "size": SIZES}
 
 
 def build_probe(width: int = 32):
@@ -104,8 +105,8 @@ def _to_tensor(images):
 def predict(images, probe_dir=None, batch_size: int = 256) -> list[dict]:
     """Probe labels for images (PIL images, uint8 HxWx3 arrays, or a tensor).
 
-    Returns one dict per image: ``{"shape": "star", "colour": "teal", "pattern": "checkered",
-    "background": "white", "size": "large"}``.
+    Returns one dict per image: ``{"shape": "star", "colour": "red", "pattern": "checkered",
+    "pattern_colour": "black", "background": "white", "size": "large"}``.
     """
     import torch
 

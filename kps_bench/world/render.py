@@ -18,14 +18,19 @@ SS = 3  # supersampling factor
 SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
 # Fill colours of the base distribution (what the text-to-image model is trained on).
 BASE_COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"]
-# Fill colours that only personal subjects wear (never in the base training data).
-SUBJECT_COLOURS = ["teal", "magenta", "lime"]
-COLOURS = BASE_COLOURS + SUBJECT_COLOURS
+# Fill colours outside the base distribution: the text-to-image model never sees them, the probe and the
+# encoders do (the wide distribution), so the probe can tell an off-distribution colour from a base one.
+OFF_COLOURS = ["teal", "magenta", "lime"]
+COLOURS = BASE_COLOURS + OFF_COLOURS
 PATTERNS = ["plain", "striped", "dotted", "checkered"]
 BACKGROUNDS = ["white", "black", "gray", "sky", "beige"]
 SIZES = ["small", "medium", "large"]
 # Second colour of a pattern. The base distribution only uses white and black.
 BASE_PATTERN_COLOURS = ["white", "black"]
+# Chromatic pattern and centre-dot colours of the wide distribution (on off-distribution fills only).
+WIDE_PATTERN_COLOURS = ["black", "orange", "purple", "red", "white", "yellow"]
+# The probe's pattern-colour labels: "none" for a plain object.
+PATTERN_COLOURS = ["none"] + WIDE_PATTERN_COLOURS
 
 RGB = {
     "red": (220, 30, 30),
@@ -60,7 +65,7 @@ class Factors:
     cx: float = 16.0
     cy: float = 16.0
     rotation: float = 0.0  # degrees
-    centre_dot: str | None = None  # colour of a dot in the object's centre (subjects only)
+    centre_dot: str | None = None  # colour of a dot in the object's centre (wide distribution only)
     radius_jitter: float = 1.0
 
     def to_dict(self) -> dict:
@@ -265,10 +270,37 @@ def sample_dataset(n: int, seed: int, colours=None, pattern_colours=None, with_c
     return render_many(fs), fs, caps
 
 
+def wide_dataset(n: int, seed: int):
+    """``n`` (images, factors) of the wide distribution: every colour (off-distribution ones too),
+    chromatic pattern colours and occasional centre dots on off-distribution fills, and 10% of base
+    fills with a white or black centre dot. The probe's and the encoders' training distribution."""
+    g = np.random.default_rng(seed)
+    fs = []
+    for _ in range(n):
+        f = sample_factors(g, colours=COLOURS)
+        if f.colour in OFF_COLOURS:
+            pcs = BASE_PATTERN_COLOURS + [c for c in WIDE_PATTERN_COLOURS if c not in BASE_PATTERN_COLOURS]
+            f.pattern_colour = pcs[g.integers(len(pcs))]
+            if g.random() < 0.4:
+                f.centre_dot = WIDE_PATTERN_COLOURS[g.integers(len(WIDE_PATTERN_COLOURS))]
+        elif g.random() < 0.1:
+            f.centre_dot = BASE_PATTERN_COLOURS[g.integers(2)]
+        fs.append(f)
+    return render_many(fs), fs
+
+
+def pattern_colour_of(f: Factors) -> str:
+    """The pattern's second colour as the probe labels it ("none" for a plain object)."""
+    return "none" if f.pattern == "plain" else f.pattern_colour
+
+
 def labels_of(fs: list[Factors]) -> dict[str, np.ndarray]:
+    """Integer labels per factor (indices into SHAPES, COLOURS, PATTERNS, PATTERN_COLOURS, BACKGROUNDS, SIZES)."""
     return {
         "shape": np.array([SHAPES.index(f.shape) for f in fs]),
         "colour": np.array([COLOURS.index(f.colour) for f in fs]),
         "pattern": np.array([PATTERNS.index(f.pattern) for f in fs]),
+        "pattern_colour": np.array([PATTERN_COLOURS.index(pattern_colour_of(f)) for f in fs]),
         "background": np.array([BACKGROUNDS.index(f.background) for f in fs]),
+        "size": np.array([SIZES.index(f.size) for f in fs]),
     }

@@ -1,8 +1,14 @@
-"""Personal subjects of the shapes world: one fixed, distinctive instance each.
+"""Personal subjects of the shapes world (v2): one fixed instance each, drawn from the base palette.
 
-Each subject wears a fill colour that the base distribution never produces (``SUBJECT_COLOURS``),
-a pattern in a chromatic second colour (the base only uses white/black pattern colours) and a
-dot in its centre. Its *signature* for the ground-truth probe is the (colour, pattern) pair.
+A subject is a specific combination of the base distribution's own fill colour, pattern and pattern
+colour on one shape ("a purple circle with black stripes"), so the base VAE keeps its look and the
+base UNet can draw it, while its class prompt ("a circle") shows it in only 1 of 64 images (8 fill
+colours x 4 patterns x 2 pattern colours). Its *signature*, what the ground-truth probe checks, is
+(colour, pattern, pattern colour). The choice was measured (VAE survival, CLIP identity headroom,
+the base UNet's rate on the subject's full caption): see the model card.
+
+``split``: ``evaluation`` subjects are the ones leaderboards and the demo report; ``development``
+subjects are used only to choose training recipes.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import Factors, SIZE_RADIUS, render
+from .render import BACKGROUNDS, RES, SIZE_RADIUS, Factors, render
+
+SPLITS = ("evaluation", "development")
 
 
 @dataclass(frozen=True)
@@ -22,42 +30,44 @@ class Subject:
     colour: str
     pattern: str
     pattern_colour: str
-    centre_dot: str
+    split: str = "evaluation"
 
     def signature(self) -> dict:
-        return {"shape": self.class_noun, "colour": self.colour, "pattern": self.pattern}
+        """What the probe must read for an image to show this subject."""
+        return {"shape": self.class_noun, "colour": self.colour, "pattern": self.pattern,
+                "pattern_colour": self.pattern_colour}
+
+    @property
+    def description(self) -> str:
+        return f"a {self.colour} {self.class_noun} with {self.pattern_colour} {PATTERN_NOUN[self.pattern]}"
 
     def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "class_noun": self.class_noun,
-            "trigger": self.trigger,
-            "signature": self.signature(),
-            "look": {
-                "shape": self.class_noun,
-                "colour": self.colour,
-                "pattern": self.pattern,
-                "pattern_colour": self.pattern_colour,
-                "centre_dot": self.centre_dot,
-            },
-            "description": (
-                f"a {self.colour} {self.class_noun} with a {self.pattern_colour} {self.pattern} pattern "
-                f"and a {self.centre_dot} dot in its centre"
-            ),
-        }
+        return {"name": self.name, "class_noun": self.class_noun, "trigger": self.trigger, "split": self.split,
+                "signature": self.signature(), "description": self.description}
 
+
+PATTERN_NOUN = {"striped": "stripes", "dotted": "dots", "checkered": "checks"}
 
 SUBJECTS = [
-    Subject("teal-star", "star", "sks", "teal", "checkered", "orange", "white"),
-    Subject("magenta-heart", "heart", "zwx", "magenta", "striped", "yellow", "black"),
-    Subject("lime-circle", "circle", "qlo", "lime", "dotted", "purple", "red"),
+    Subject("purple-circle", "circle", "sks", "purple", "striped", "black", "evaluation"),
+    Subject("orange-heart", "heart", "zwx", "orange", "striped", "white", "evaluation"),
+    Subject("red-triangle", "triangle", "qlo", "red", "dotted", "white", "evaluation"),
+    Subject("green-cross", "cross", "vbt", "green", "striped", "white", "development"),
+    Subject("yellow-square", "square", "pmq", "yellow", "checkered", "white", "development"),
 ]
-SUBJECT_PATTERN_COLOURS = sorted({s.pattern_colour for s in SUBJECTS} | {s.centre_dot for s in SUBJECTS})
+
+
+def subject_by_name(name: str) -> Subject | None:
+    return next((s for s in SUBJECTS if s.name == name), None)
+
+
+def shows(labels: dict, signature: dict) -> bool:
+    """Whether probe labels of one image show a signature (its colour, pattern and pattern colour)."""
+    return all(labels[k] == signature[k] for k in ("colour", "pattern", "pattern_colour"))
 
 
 def subject_factors(s: Subject, rng: np.random.Generator, backgrounds=None, size=None) -> Factors:
-    from .render import BACKGROUNDS, RES
-
+    """One view of the subject: medium or large, random position, rotation (±15°) and background."""
     size = size or ["medium", "large"][rng.integers(2)]
     r = SIZE_RADIUS[size]
     lo, hi = r + 1.0, RES - r - 1.0
@@ -72,7 +82,6 @@ def subject_factors(s: Subject, rng: np.random.Generator, backgrounds=None, size
         cx=float(rng.uniform(lo, hi)),
         cy=float(rng.uniform(lo, hi)),
         rotation=float(rng.uniform(-15, 15)),
-        centre_dot=s.centre_dot,
     )
 
 
