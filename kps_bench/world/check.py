@@ -73,12 +73,6 @@ def generate(pipe, prompts: list[str], seed: int, batch: int = BATCH, steps: int
     return np.concatenate(out), sum(t for t, _ in rest) / sum(n for _, n in rest)
 
 
-def _norm_entropy(labels: list[str], k: int) -> float:
-    from .truth import normalised_entropy
-
-    return normalised_entropy(labels, k)
-
-
 class Gates:
     """The gate table: ``add`` one measured value against its threshold."""
 
@@ -101,6 +95,7 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
     from . import train as T
     from .probe import predict
     from .subjects import SUBJECTS, shows
+    from .truth import normalised_entropy
 
     if threads:
         torch.set_num_threads(threads)
@@ -158,8 +153,8 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
     cp = predict(cimgs, world / "probe")
     gates.add("base class prompts: shape", np.mean([p["shape"] == s for p, s in zip(cp, cls)]), 0.90, n_img=n_cls)
     # normalised by the log of the number of colour labels the probe can give (11), so it lies in [0, 1]
-    ent = _norm_entropy([p["colour"] for p in cp], len(COLOURS))
-    per_shape = [_norm_entropy([p["colour"] for p, s in zip(cp, cls) if s == sh], len(COLOURS)) for sh in SHAPES]
+    ent = normalised_entropy([p["colour"] for p in cp], len(COLOURS))
+    per_shape = [normalised_entropy([p["colour"] for p, s in zip(cp, cls) if s == sh], len(COLOURS)) for sh in SHAPES]
     gates.add("base class prompts: colour entropy (normalised)", ent, 0.70, n_img=n_cls)
     leak_rates = {s.name: float(np.mean([shows(p, s.signature()) for p, c in zip(cp, cls) if c == s.class_noun]))
                   for s in SUBJECTS}

@@ -63,6 +63,10 @@ def check_cmd(world_dir: str | None, n: int, json_path: str | None, adapters: bo
     res = check(w, n=n, json_path=json_path, log=click.echo, adapters_out=adapters_out if adapters else None)
     if json_path:
         click.echo(f"wrote {json_path}")
+        if Path(json_path).resolve() == (w / "check.json").resolve():
+            from .card import write_model_card
+
+            click.echo(f"wrote {write_model_card(w)}")
     if not res["all_passed"]:
         raise SystemExit(1)
 
