@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import render_many, sample_dataset, wide_dataset
+from .render import sample_dataset, wide_dataset
 from .subjects import SUBJECTS, reference_images
 
 SEEDS = {"base_data": 1, "probe_data": 2, "heldout": 3, "subjects": 0, "vae": 10, "probe": 11, "t2i": 12,

@@ -185,7 +185,7 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
         "threads": torch.get_num_threads(),
     }
     if adapters_out is not None:
-        details["adapters"] = check_adapters(world, Path(adapters_out), gates, log)
+        details["adapters"] = check_adapters(world, Path(adapters_out), gates)
     result = {
         "world": str(world),
         "n": n,
@@ -259,7 +259,7 @@ def world_protocol(world: Path, protocol: str = "shapes-world"):
     return load_protocol(protocol, sets), sets
 
 
-def check_adapters(world: Path, out: Path, gates: Gates, log=print) -> dict:
+def check_adapters(world: Path, out: Path, gates: Gates) -> dict:
     """The adapter gates: every method trained with the shipped recipes on every evaluation subject and run
     through the protocol (``kps-bench demo`` into ``out``), and a LoRA trained for 3x the steps for leakage."""
     from kps_bench.demo import DemoOptions, run_demo
@@ -291,14 +291,14 @@ def check_adapters(world: Path, out: Path, gates: Gates, log=print) -> dict:
     for method in sorted(per):
         gates.add(f"adapters: {method} trigger images show the requested shape (min over evaluation subjects)",
                   min(v["shape"] for v in per[method].values()), ADAPTER_SHAPE, n_img=len(subjects))
-    leak = leakage(world, protocol, out, subjects, log)
+    leak = leakage(world, protocol, out, subjects)
     gates.add(f"adapters: signature in class-prompt images, LoRA x{LEAK_STEPS_FACTOR} steps minus base",
               leak["lora_rate"] - leak["base_rate"], LEAK_MIN_DIFFERENCE, n_img=leak["n"])
     return {"per_method": per, "leakage": leak, "duration_s": round(time.time() - t0, 1), "demo_out": str(out),
             "leaderboard": res.markdown}
 
 
-def leakage(world: Path, protocol, out: Path, subjects: tuple[str, ...], log=print) -> dict:
+def leakage(world: Path, protocol, out: Path, subjects: tuple[str, ...]) -> dict:
     """Signature rate of the subject in ``LEAK_IMAGES`` class-prompt images ("a circle") per evaluation subject,
     for the base and for a LoRA trained ``LEAK_STEPS_FACTOR`` times the shipped steps (same seeds)."""
     from scipy.stats import fisher_exact
