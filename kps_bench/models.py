@@ -1,6 +1,6 @@
 """Loading base pipelines and adapters (LoRA, textual inversion, fine-tuned pipelines) safely.
 
-Base models are a hub id (``runwayml/stable-diffusion-v1-5``), a local diffusers folder, or
+Base models are a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers folder, or
 ``builtin:NAME``. Only safetensors weights are read unless the user passes ``allow_unsafe_pickle``.
 """
 
@@ -52,14 +52,24 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N = the GPU's index), mps"
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other form must name a visible device."""
     import torch
 
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise UserError(f"--device '{device}' is not a device kps-bench can use. Give one of: {DEVICE_FORMS}.")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {device}: only {n} CUDA GPU(s) are visible (cuda:0 to cuda:{n - 1}).")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but Apple's MPS is not available here; use --device cpu or auto.")
     return device
 
 
@@ -115,6 +125,53 @@ def refuse_pickle(path: Path, allow_unsafe_pickle: bool, what: str) -> None:
             f"only reads .safetensors by default. Convert it to safetensors, or pass --allow-unsafe-pickle if you "
             f"trust its source."
         )
+
+
+def tensor_shapes(path: Path, what: str, allow_unsafe_pickle: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a weight file: safetensors (read from the header), or a pickle
+    checkpoint when ``allow_unsafe_pickle`` (loaded on the CPU)."""
+    if path.suffix in PICKLE_SUFFIXES:
+        return {k: tuple(v.shape) for k, v in load_weights(path, what, allow_unsafe_pickle).items()}
+    check_safetensors(path, what)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def load_weights(path: Path, what: str, allow_unsafe_pickle: bool) -> dict:
+    """The tensors of a safetensors file, or of a pickle checkpoint when ``allow_unsafe_pickle``; nested
+    dicts (textual inversion's ``string_to_param``) are flattened to dotted names."""
+    refuse_pickle(path, allow_unsafe_pickle, what)
+    if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+        raise UserError(f"{what} '{path}' is neither a .safetensors file nor a pickle checkpoint "
+                        f"({', '.join(PICKLE_SUFFIXES)}).")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        check_safetensors(path, what)
+        return load_file(str(path))
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{what} '{path}' is not a readable checkpoint of tensors ({str(e).splitlines()[0]}). It may "
+                        f"be truncated or corrupt: re-download or re-save it.") from None
+
+    def flat(d, prefix=""):
+        for k, v in (d.items() if isinstance(d, dict) else ()):
+            if isinstance(v, torch.Tensor):
+                yield f"{prefix}{k}", v
+            elif isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+
+    tensors = dict(flat(state))
+    if not tensors:
+        raise UserError(f"{what} '{path}' holds no tensors (found {type(state).__name__}).")
+    return tensors
 
 
 def check_safetensors(path: Path, what: str) -> list[str]:
@@ -173,6 +230,11 @@ class LoadedModel:
     pipe: object
     identity: dict
 
+    @property
+    def dtype(self) -> str:
+        """The dtype of the loaded weights (``float16``...), which provenance records rather than the one asked for."""
+        return str(self.pipe.dtype).removeprefix("torch.")
+
 
 def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: str,
                   allow_unsafe_pickle: bool = False) -> LoadedModel:
@@ -188,6 +250,7 @@ def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: 
                             f"(no model_index.json). Give a folder saved with `pipeline.save_pretrained()` or a hub id.")
         use_safe = _check_folder_is_safe(p, allow_unsafe_pickle, "Base model weights")
     else:
+        check_hub_id(spec, resolved)
         use_safe = not allow_unsafe_pickle
     kwargs = {"dtype": torch_dtype(dtype), "safety_checker": None, "requires_safety_checker": False}
     try:
@@ -202,6 +265,20 @@ def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: 
     pipe.set_progress_bar_config(disable=True)
     loaded_from = getattr(pipe.unet.config, "_name_or_path", None) if hasattr(pipe, "unet") else None
     return LoadedModel(pipe, model_identity(spec, resolved, loaded_from))
+
+
+def check_hub_id(spec: str, resolved: str) -> None:
+    """Fail at once, without asking the hub, for a base model that can only be a missing local folder, or a hub
+    id that is not in the local cache while ``HF_HUB_OFFLINE`` is set."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", resolved) or resolved.endswith((".", "-")):
+        raise UserError(f"Base model '{spec}' is not a local folder ('{resolved}' does not exist) and not a hub id "
+                        f"(org/name). Check the path in base_model (or --base).")
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(resolved, "model_index.json"), str):
+        raise UserError(f"Cannot load base model '{resolved}': it is not a local folder and not reachable on the hub "
+                        f"(HF_HUB_OFFLINE is set and the hub cache has no copy). Check the id, or download it and "
+                        f"pass the folder.")
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -266,9 +343,14 @@ def read_training_json(path: Path) -> dict | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"'{f}' is not valid JSON ({e.msg}); re-run the trainer or delete the file.") from None
+        training = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"'{f}' is not valid JSON ({getattr(e, 'msg', e)}); re-run the trainer or delete the "
+                        f"file.") from None
+    if not isinstance(training, dict):
+        raise UserError(f"'{f}' must hold a JSON object (method, subject, recipe, ...), got a "
+                        f"{type(training).__name__}; re-run the trainer or delete the file.")
+    return training
 
 
 def resolve_adapter(adapter: str | None, kind: str, allow_unsafe_pickle: bool) -> AdapterInfo:
@@ -308,10 +390,46 @@ def apply_adapter(loaded: LoadedModel, info: AdapterInfo, triggers: list[str], d
         return load_pipeline(info.path, info.path, device, dtype, scheduler, allow_unsafe_pickle).pipe
     pipe = loaded.pipe
     if info.kind == "lora":
-        load_lora_checked(pipe, Path(info.path))
+        load_lora_checked(pipe, Path(info.path), allow_unsafe_pickle)
     elif info.kind == "textual-inversion":
-        load_textual_inversion_checked(pipe, Path(info.path), triggers)
+        load_textual_inversion_checked(pipe, Path(info.path), triggers, allow_unsafe_pickle)
     return pipe
+
+
+def check_adapter_fits(pipe, info: AdapterInfo, triggers: list[str], allow_unsafe_pickle: bool = False) -> None:
+    """Open a LoRA or textual-inversion adapter and check it against the base pipeline without loading it
+    (module shapes; embedding size and triggers), so a misfit is found before any image is made."""
+    if info.kind == "lora":
+        check_lora_shapes(pipe, Path(info.path), allow_unsafe_pickle)
+    elif info.kind == "textual-inversion":
+        textual_inversion_state(pipe, Path(info.path), triggers, allow_unsafe_pickle)
+
+
+_LORA_WEIGHT = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(\.[^.]+)?\.weight$")
+
+
+def check_lora_shapes(pipe, file: Path, allow_unsafe_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """The LoRA's tensor shapes, after checking each against the base module it adapts (input size of the
+    down/A matrix, output size of the up/B matrix). Returns the shapes."""
+    shapes = tensor_shapes(file, "LoRA file", allow_unsafe_pickle)
+    modules = {f"{comp_name}.{mod_name}": m for comp_name, comp in pipe.components.items()
+               if hasattr(comp, "named_modules") for mod_name, m in comp.named_modules()}
+    for key in sorted(shapes):
+        m = _LORA_WEIGHT.match(key)
+        weight = getattr(modules.get(m.group(1)), "weight", None) if m else None
+        if weight is None or weight.ndim < 2:
+            continue
+        down = m.group(2) in ("lora_A", "lora.down", "lora_down")
+        shape = shapes[key]
+        axis = 1 if down else 0
+        if len(shape) < 2 or shape[axis] != weight.shape[axis]:
+            raise UserError(
+                f"LoRA '{file}' does not fit the base model: its tensor '{key}' has shape {list(shape)}, but the "
+                f"base's module '{m.group(1)}' has weight shape {list(weight.shape)} ({'input' if down else 'output'} "
+                f"size {weight.shape[axis]}). The shapes do not match the base: the LoRA was probably trained for "
+                f"another base model (e.g. SDXL rather than SD 1.5). Use it with the base it was trained for "
+                f"(base_model, or --base).")
+    return shapes
 
 
 def lora_module_names(keys: list[str]) -> set[str]:
@@ -340,9 +458,10 @@ def modules_present(pipe, names: set[str]) -> int:
     return sum(n in present for n in names)
 
 
-def load_lora_checked(pipe, file: Path) -> int:
-    """Load a diffusers-format LoRA; fail if none of its modules matched the base (the silent "no effect" LoRA)."""
-    keys = check_safetensors(file, "LoRA file")
+def load_lora_checked(pipe, file: Path, allow_unsafe_pickle: bool = False) -> int:
+    """Load a diffusers-format LoRA; fail if its shapes do not fit the base, or if none of its modules matched the
+    base (the silent "no effect" LoRA)."""
+    keys = sorted(check_lora_shapes(pipe, file, allow_unsafe_pickle))
     names = lora_module_names(keys)
     problem = None
     try:
@@ -363,19 +482,30 @@ def load_lora_checked(pipe, file: Path) -> int:
     return matched
 
 
-def load_textual_inversion_checked(pipe, file: Path, triggers: list[str]) -> None:
-    """Load learned embeddings under each subject's trigger; the trigger must not already be a token."""
-    from safetensors.torch import load_file
-
+def textual_inversion_state(pipe, file: Path, triggers: list[str], allow_unsafe_pickle: bool = False) -> dict:
+    """The learned embeddings, after checking the trigger is a new token and the embedding size is the text
+    encoder's."""
     tokenizer = pipe.tokenizer
     for trigger in triggers:
         if trigger in tokenizer.get_vocab():
             raise UserError(f"Textual-inversion token '{trigger}' already exists in the base model's tokenizer, so "
                             f"its learned embedding would be ignored. Choose a trigger that is not a token "
                             f"(e.g. '<{trigger}>') in the protocol's subjects.trigger.")
-    state = load_file(str(file))
+    state = load_weights(file, "Textual-inversion file", allow_unsafe_pickle)
     if len(triggers) != 1:
         raise UserError(f"Textual-inversion file '{file}' holds one concept; evaluate it for one subject with --subject NAME.")
+    size = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+    for key, t in state.items():
+        if t.shape[-1] != size:
+            raise UserError(f"Textual-inversion file '{file}': embedding '{key}' has size {t.shape[-1]}, but the base "
+                            f"model's text encoder uses embeddings of size {size}. It was trained for another base "
+                            f"model; use it with that base (base_model, or --base).")
+    return state
+
+
+def load_textual_inversion_checked(pipe, file: Path, triggers: list[str], allow_unsafe_pickle: bool = False) -> None:
+    """Load learned embeddings under the subject's trigger (checked by :func:`textual_inversion_state`)."""
+    state = textual_inversion_state(pipe, file, triggers, allow_unsafe_pickle)
     try:
         pipe.load_textual_inversion(state, token=triggers[0])
     except ValueError as e:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.resources
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,13 +170,19 @@ def canonical_json(obj: Any) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
+def shipped_dir(package: str) -> Path:
+    """The folder of files shipped as package data: ``kps_bench.protocols`` (the repository's protocols/) or
+    ``kps_bench.baselines`` (baselines/), located with importlib.resources."""
+    return Path(str(importlib.resources.files(package)))
+
+
 def protocol_dirs() -> list[Path]:
-    """Where protocol names are looked up: $KPS_BENCH_PROTOCOLS, ./protocols, the repository's protocols/."""
+    """Where protocol names are looked up: $KPS_BENCH_PROTOCOLS, ./protocols, the protocols shipped with kps-bench."""
     dirs = []
     if os.environ.get("KPS_BENCH_PROTOCOLS"):
         dirs += [Path(p) for p in os.environ["KPS_BENCH_PROTOCOLS"].split(os.pathsep) if p]
     dirs.append(Path.cwd() / "protocols")
-    dirs.append(Path(__file__).resolve().parent.parent / "protocols")
+    dirs.append(shipped_dir("kps_bench.protocols"))
     seen, out = set(), []
     for d in dirs:
         if d.resolve() not in seen and d.is_dir():
@@ -213,6 +221,9 @@ def load_protocol(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"Cannot read protocol file '{path}': {e.strerror}.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"Protocol file '{path}' is not UTF-8 text (byte {e.start}: {e.reason}). Give a protocol "
+                        f"YAML file saved as UTF-8.") from None
     except yaml.YAMLError as e:
         raise UserError(f"Protocol file '{path}' is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -230,6 +241,11 @@ def apply_overrides(raw: dict, overrides, where: str) -> dict:
             raise UserError(f"--set '{item}' must look like dotted.key=value, e.g. --set generation.steps=25.")
         key, value = item.split("=", 1)
         try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"--set '{item.encode('utf-8', 'backslashreplace').decode()}' is not valid UTF-8 text; "
+                            f"give the value as UTF-8.") from None
+        try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
@@ -237,6 +253,10 @@ def apply_overrides(raw: dict, overrides, where: str) -> dict:
         parts = key.strip().split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
+            allowed = _fields_at(parts[:i])
+            if allowed is not None and part not in allowed:
+                raise UserError(f"--set {key}: unknown field '{'.'.join(parts[: i + 1])}'. Allowed fields"
+                                f"{' of ' + '.'.join(parts[:i]) if i else ''}: {', '.join(allowed)}.")
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise UserError(f"--set {key}: '{part}' is not an index of the list at "
@@ -256,12 +276,32 @@ def apply_overrides(raw: dict, overrides, where: str) -> dict:
     return raw
 
 
+def _fields_at(path: list[str]) -> list[str] | None:
+    """The protocol fields allowed under a dotted path (list indices as digits), or None where it is free-form."""
+    if not path:
+        return _TOP_FIELDS
+    if path[0] == "subjects" and len(path) == 2:
+        return _field_names(Subject)
+    cls = _Top
+    for part in path:
+        cls = _NESTED.get((cls, part))
+        if cls is None:
+            return None
+    return _field_names(cls)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+
+
 def _type_name(t) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
 
 
 def _check_scalar(value, t, path: str, where: str):
-    if t is float and isinstance(value, int) and not isinstance(value, bool):
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where}: field '{path}' must be a finite number, got {value!r}.")
         return float(value)
     if t is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. version: 1.0
@@ -277,8 +317,9 @@ def _build(cls, data, path: str, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        allowed = _TOP_FIELDS if cls is _Top else list(fields)
         raise UserError(f"{where}: unknown field '{_join(path, unknown[0])}'. Allowed fields here: "
-                        f"{', '.join(fields)}.")
+                        f"{', '.join(allowed)}.")
     kwargs = {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for name, f in fields.items():
@@ -352,6 +393,8 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
     b = top.bootstrap
     _require(b.resamples >= 1, where, "bootstrap.resamples", "an integer >= 1", b.resamples)
     _require(0 < b.confidence < 1, where, "bootstrap.confidence", "a number between 0 and 1", b.confidence)
+    _require(bool(top.name.strip()), where, "name", "a non-empty string", top.name)
+    _require(bool(top.version.strip()), where, "version", "a non-empty string", top.version)
     _require(bool(top.base_model.strip()), where, "base_model", "a hub id, a local diffusers folder or builtin:NAME", top.base_model)
     return Protocol(
         name=top.name, version=top.version, base_model=top.base_model, subjects=subjects,
@@ -378,6 +421,10 @@ class _Top:
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     description: str = ""
 
+
+#: Every top-level field: the dataclass ones and those validated by hand in protocol_from_dict.
+_TOP_FIELDS = ["name", "version", "description", "base_model", "generation", "encoders", "subjects", "prompts",
+               "metrics", "bootstrap", "training"]
 
 _NESTED = {
     (_Top, "generation"): Generation,

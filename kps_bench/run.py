@@ -195,13 +195,13 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     provenance = base_provenance(protocol, device, {
         "adapter": adapter.to_dict(), "label": opts.label or (adapter.training or {}).get("method"),
         "method": (adapter.training or {}).get("method") or opts.label or adapter.kind,
-        "subjects": [s.name for s in subjects], "batch_size": batch, "dtype": g.dtype,
+        "subjects": [s.name for s in subjects], "batch_size": batch,
         "seeds": {"generation": g.seed, "bootstrap": protocol.bootstrap.seed}, "overrides": list(opts.overrides),
     })
     with timings("load_base"):
         base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"), device, g.dtype,
                              g.scheduler, opts.allow_unsafe_pickle)
-    provenance["base_model"] = base.identity
+    provenance.update(base_model=base.identity, dtype=base.dtype)
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
     jobs = plan_jobs(protocol, subjects, base.identity, adapter_id, device.split(":")[0])
     image_dir = out / "images"

@@ -47,6 +47,7 @@ def test_run_directory_format(lora_run):
     assert len(prov["base_model"]["sha256"]) == 64
     for key in ("packages", "device", "timings_s", "start_time", "end_time", "seeds", "batch_size", "encoders"):
         assert key in prov
+    assert prov["dtype"] == "float32"  # the dtype of the loaded weights
     for name in ("torch", "diffusers", "transformers", "open_clip_torch", "peft", "kps-bench"):
         assert prov["packages"][name]
     assert prov["encoders"]["clip"]["weights_sha256"]
@@ -108,3 +109,12 @@ def test_score_existing_images_matches_run(lora_run, tiny_protocol, tmp_path):
         assert scored["metrics"]["red-block"][name]["value"] == pytest.approx(
             results["metrics"]["red-block"][name]["value"], abs=1e-12)
     assert recompute(tmp_path / "scored")["metrics"] == scored["metrics"]
+
+
+def test_the_loaded_dtype_is_the_requested_one(tiny):
+    """diffusers >= 0.40 honours from_pretrained(dtype=...); LoadedModel.dtype (what provenance records) reads the weights."""
+    from kps_bench.models import load_pipeline
+
+    loaded = load_pipeline("pipeline", str(tiny / "pipeline"), "cpu", "bfloat16", "ddim")
+    assert loaded.dtype == "bfloat16" and loaded.pipe.unet.dtype == torch.bfloat16
+    assert loaded.pipe.text_encoder.dtype == torch.bfloat16

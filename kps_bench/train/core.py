@@ -25,7 +25,7 @@ from typing import Callable
 import yaml
 
 from ..errors import UserError
-from ..protocol import Protocol, Subject, canonical_json, expand_prompt
+from ..protocol import Protocol, Subject, canonical_json, expand_prompt, shipped_dir
 
 METHODS = ("cat", "lora", "dreambooth", "textual-inversion")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -104,11 +104,11 @@ def allowed_fields(method: str) -> list[str]:
 
 
 def baseline_dirs() -> list[Path]:
-    """Where recipes are looked up: $KPS_BENCH_BASELINES, ./baselines, the repository's baselines/."""
+    """Where recipes are looked up: $KPS_BENCH_BASELINES, ./baselines, the recipes shipped with kps-bench."""
     dirs = []
     if os.environ.get("KPS_BENCH_BASELINES"):
         dirs += [Path(p) for p in os.environ["KPS_BENCH_BASELINES"].split(os.pathsep) if p]
-    dirs += [Path.cwd() / "baselines", Path(__file__).resolve().parent.parent.parent / "baselines"]
+    dirs += [Path.cwd() / "baselines", shipped_dir("kps_bench.baselines")]
     return [d for d in dirs if d.is_dir()]
 
 

@@ -1,0 +1,1 @@
+"""Protocol files shipped with kps-bench: installed as package data of ``kps_bench.protocols`` (pyproject.toml)."""
