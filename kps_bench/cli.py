@@ -172,13 +172,15 @@ def protocols_show(name, sets):
 @click.argument("path")
 def protocols_validate(path):
     """Check a protocol file, including that every subject's references folder holds images."""
-    from .run import reference_images
+    from .run import check_reference_folders, reference_images
 
     p = _protocol(path, ())
+    check_reference_folders(p, p.subjects)
     for s in p.subjects:
         reference_images(p, s)
-    click.echo(f"OK: {path} (protocol {p.name} v{p.version}, {len(p.subjects)} subjects, {len(p.prompts)} prompts, "
-               f"sha256 {p.sha256[:16]})")
+    n_prompts = "/".join(str(n) for n in sorted({len(p.prompts_for(s)) for s in p.subjects}))
+    click.echo(f"OK: {path} (protocol {p.name} v{p.version}, {len(p.subjects)} subjects, {n_prompts} prompts per "
+               f"subject, sha256 {p.sha256[:16]})")
 
 
 @main.command()

@@ -70,7 +70,7 @@ def plan_jobs(protocol: Protocol, subjects: list[Subject], model: dict, adapter:
     g = protocol.generation
     jobs = []
     for s in subjects:
-        for p, template in enumerate(protocol.prompts):
+        for p, template in enumerate(protocol.prompts_for(s)):
             free = expand_prompt(template, s, with_trigger=False)
             trig = expand_prompt(template, s, with_trigger=True)
             for k in range(g.images_per_prompt):

@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,15 @@ class Subject:
     """A personal concept: ``references`` is a folder of its real images; prompts say ``<trigger> <class_noun>``.
 
     ``split``: ``evaluation`` subjects are what results report by default; ``development`` subjects are
-    for choosing training recipes only (``kps-bench run`` and ``demo`` skip them unless named)."""
+    for choosing training recipes only (``kps-bench run`` and ``demo`` skip them unless named).
+    ``prompt_set``: the protocol's ``prompt_sets`` entry the subject's prompts come from (empty: ``prompts``)."""
 
     name: str
     class_noun: str
     trigger: str
     references: str
     split: str = "evaluation"
+    prompt_set: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,17 @@ class Bootstrap:
 
 @dataclass(frozen=True)
 class Protocol:
+    """A validated protocol. ``prompts`` is the prompt list of subjects without a ``prompt_set``; ``prompt_sets``
+    holds named lists (DreamBench's ``object`` and ``live``). ``references_root``, when set, is the folder that
+    subjects' ``references`` are relative to (``$VAR`` expanded); it is recorded but not hashed."""
+
     name: str
     version: str
     base_model: str
     subjects: tuple[Subject, ...]
     prompts: tuple[str, ...]
+    prompt_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    references_root: str = ""
     generation: Generation = field(default_factory=Generation)
     encoders: Encoders = field(default_factory=Encoders)
     metrics: tuple[str, ...] = ALL_METRICS
@@ -107,14 +116,43 @@ class Protocol:
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
-        """The effective protocol as plain data (what is hashed and recorded)."""
+        """The effective protocol as plain data (what is recorded). Prompt sets and the references root are left
+        out when unused, so protocols without them keep their hash."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        for key in ("prompt_sets", "references_root"):
+            if not d[key]:
+                d.pop(key)
+        for s in d["subjects"]:
+            if not s["prompt_set"]:
+                s.pop("prompt_set")
         return d
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()
+        """Hash of :meth:`to_dict` without ``references_root``: where the data lies is not part of the evaluation
+        (each run records its reference images' sha256)."""
+        d = self.to_dict()
+        d.pop("references_root", None)
+        return hashlib.sha256(canonical_json(d).encode()).hexdigest()
+
+    def prompts_for(self, subject: Subject) -> tuple[str, ...]:
+        """The subject's prompt templates: its ``prompt_set``, else ``prompts``."""
+        return self.prompt_sets[subject.prompt_set] if subject.prompt_set else self.prompts
+
+    def references_dir(self, subject: Subject) -> Path:
+        """The subject's reference folder: ``references`` under ``references_root`` when the protocol has one, else
+        resolved like any path of the protocol."""
+        if not self.references_root:
+            folder = Path(self.resolve(subject.references))
+            return Path(self.source) / folder if not folder.is_absolute() and self.source else folder
+        root = os.path.expandvars(os.path.expanduser(self.references_root))
+        unset = re.search(r"\$\{?(\w+)", root)
+        if unset:
+            raise UserError(f"Protocol '{self.name}': references_root '{self.references_root}' uses the environment "
+                            f"variable {unset.group(1)}, which is not set. Set it to the folder that holds one folder per "
+                            f"subject, or pass --set references_root=PATH.")
+        return Path(self.resolve(root)) / subject.references
 
     @property
     def evaluation_subjects(self) -> tuple[Subject, ...]:
@@ -348,6 +386,7 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
     raw = dict(raw)
     subjects_raw = raw.pop("subjects", None)
     prompts_raw = raw.pop("prompts", None)
+    sets_raw = raw.pop("prompt_sets", None)
     metrics_raw = raw.pop("metrics", list(ALL_METRICS))
     training_raw = raw.pop("training", {}) or {}
     if subjects_raw is None:
@@ -367,13 +406,21 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
                  s.split)
     if not any(s.split == "evaluation" for s in subjects):
         raise UserError(f"{where}: field 'subjects' has no subject with split 'evaluation'; at least one is needed.")
-    if prompts_raw is None:
-        raise UserError(f"{where}: missing required field 'prompts' (a list of templates using {{subject}}).")
-    if not isinstance(prompts_raw, list) or not prompts_raw:
-        raise UserError(f"{where}: field 'prompts' must be a non-empty list of templates such as \"a photo of a {{subject}}\".")
-    for i, p in enumerate(prompts_raw):
-        if not isinstance(p, str) or "{subject}" not in p:
-            raise UserError(f"{where}: field 'prompts.{i}' must be a string containing '{{subject}}', got {p!r}.")
+    if prompts_raw is None and sets_raw is None:
+        raise UserError(f"{where}: missing required field 'prompts' (a list of templates using {{subject}}), or "
+                        f"'prompt_sets' (named lists of templates that subjects pick with 'prompt_set').")
+    prompts = _templates(prompts_raw, "prompts", where) if prompts_raw is not None else ()
+    if sets_raw is not None and (not isinstance(sets_raw, dict) or not sets_raw):
+        raise UserError(f"{where}: field 'prompt_sets' must be a non-empty mapping of set name -> list of templates, "
+                        f"e.g. {{object: [\"a {{subject}} in the snow\"], live: [...]}}.")
+    prompt_sets = {str(k): _templates(v, f"prompt_sets.{k}", where) for k, v in (sets_raw or {}).items()}
+    for i, s in enumerate(subjects):
+        if s.prompt_set and s.prompt_set not in prompt_sets:
+            raise UserError(f"{where}: field 'subjects.{i}.prompt_set' is '{s.prompt_set}', which is not in "
+                            f"'prompt_sets'; expected one of: {', '.join(prompt_sets) or 'none (there are no prompt_sets)'}.")
+        if not s.prompt_set and not prompts:
+            raise UserError(f"{where}: field 'subjects.{i}.prompt_set' is required because the protocol has no "
+                            f"'prompts' list; expected one of: {', '.join(prompt_sets)}.")
     if not isinstance(metrics_raw, list) or not all(isinstance(m, str) for m in metrics_raw):
         raise UserError(f"{where}: field 'metrics' must be a list of metric names from: {', '.join(ALL_METRICS)}.")
     bad = [m for m in metrics_raw if m not in ALL_METRICS]
@@ -398,10 +445,21 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
     _require(bool(top.base_model.strip()), where, "base_model", "a hub id, a local diffusers folder or builtin:NAME", top.base_model)
     return Protocol(
         name=top.name, version=top.version, base_model=top.base_model, subjects=subjects,
-        prompts=tuple(prompts_raw), generation=g, encoders=top.encoders, metrics=tuple(metrics_raw),
-        bootstrap=b, description=top.description, training=training_raw,
+        prompts=prompts, prompt_sets=prompt_sets, references_root=top.references_root, generation=g,
+        encoders=top.encoders, metrics=tuple(metrics_raw), bootstrap=b, description=top.description,
+        training=training_raw,
         source=str(Path(where).resolve().parent) if os.path.exists(where) else "",
     )
+
+
+def _templates(raw, path: str, where: str) -> tuple[str, ...]:
+    """A non-empty list of prompt templates, each containing ``{subject}``."""
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{where}: field '{path}' must be a non-empty list of templates such as \"a photo of a {{subject}}\".")
+    for i, p in enumerate(raw):
+        if not isinstance(p, str) or "{subject}" not in p:
+            raise UserError(f"{where}: field '{path}.{i}' must be a string containing '{{subject}}', got {p!r}.")
+    return tuple(raw)
 
 
 def _require(ok: bool, where: str, path: str, expected: str, got) -> None:
@@ -411,11 +469,12 @@ def _require(ok: bool, where: str, path: str, expected: str, got) -> None:
 
 @dataclass(frozen=True)
 class _Top:
-    """The scalar and nested top-level fields (subjects, prompts, metrics are validated by hand)."""
+    """The scalar and nested top-level fields (subjects, prompts, prompt sets, metrics are validated by hand)."""
 
     name: str
     version: str
     base_model: str
+    references_root: str = ""
     generation: Generation = field(default_factory=Generation)
     encoders: Encoders = field(default_factory=Encoders)
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
@@ -424,7 +483,7 @@ class _Top:
 
 #: Every top-level field: the dataclass ones and those validated by hand in protocol_from_dict.
 _TOP_FIELDS = ["name", "version", "description", "base_model", "generation", "encoders", "subjects", "prompts",
-               "metrics", "bootstrap", "training"]
+               "prompt_sets", "references_root", "metrics", "bootstrap", "training"]
 
 _NESTED = {
     (_Top, "generation"): Generation,

@@ -43,15 +43,30 @@ class RunOptions:
 # ----------------------------------------------------------------------------- references
 
 
+def check_reference_folders(protocol: Protocol, subjects) -> None:
+    """One error that names every subject whose reference folder does not exist."""
+    folders = [(s, protocol.references_dir(s)) for s in subjects]
+    missing = [(s, folder) for s, folder in folders if not folder.is_dir()]
+    if not missing:
+        return
+    if protocol.references_root:
+        raise UserError(f"Protocol '{protocol.name}': {len(missing)} of {len(subjects)} subject folders do not exist "
+                        f"under references_root '{protocol.references_root}' (resolved to '{missing[0][1].parent}'): "
+                        f"{', '.join(s.references for s, _ in missing)}. Point references_root at the folder that "
+                        f"holds one folder of real images per subject: --set references_root=PATH"
+                        f"{' or the environment variable it names' if '$' in protocol.references_root else ''}.")
+    raise UserError("; ".join(f"subjects[{s.name}].references: folder '{s.references}' (resolved to '{folder}') does "
+                              f"not exist" for s, folder in missing)
+                    + ". Point each at a folder of the subject's real images (png/jpg).")
+
+
 def reference_images(protocol: Protocol, subject: Subject) -> list[Path]:
     """The subject's reference images; a clear error when the folder is missing, empty or holds non-images."""
     from PIL import Image, UnidentifiedImageError
 
-    folder = Path(protocol.resolve(subject.references))
+    check_reference_folders(protocol, [subject])
+    folder = protocol.references_dir(subject)
     where = f"subjects[{subject.name}].references"
-    if not folder.is_dir():
-        raise UserError(f"{where}: folder '{subject.references}' (resolved to '{folder}') does not exist. Point it "
-                        f"at a folder of the subject's real images (png/jpg).")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
@@ -188,6 +203,7 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     subjects = select_subjects(protocol, opts.subjects, adapter)
     device = resolve_device(opts.device)
     out = Path(opts.out)
+    check_reference_folders(protocol, subjects)
     (out / "images").mkdir(parents=True, exist_ok=True)
     refs = [r for s in subjects for r in reference_records(protocol, s, out)]
     g = protocol.generation

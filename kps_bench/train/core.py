@@ -269,7 +269,7 @@ def expand_captions(templates: list[str], subject: Subject, trigger: bool, dropo
 
 
 def build_captions(protocol: Protocol, subject: Subject, recipe: Recipe) -> Captions:
-    templates, dropout = list(recipe.captions) or list(protocol.prompts), recipe.caption_dropout > 0
+    templates, dropout = list(recipe.captions) or list(protocol.prompts_for(subject)), recipe.caption_dropout > 0
     return Captions(templates, dropout, expand_captions(templates, subject, True, dropout),
                     expand_captions(templates, subject, False, dropout))
 
