@@ -10,34 +10,35 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import UserError, as_user_error
 
 DEFAULT_PROTOCOL = "shapes-world"
 
 
 class KpsGroup(click.Group):
-    """Turns UserError into a one-paragraph message and exit 2; other errors exit 1 (traceback with --verbose)."""
+    """The error boundary of every command: UserError and the known exception types of
+    :func:`~kps_bench.errors.as_user_error` become a one-paragraph message and exit 2; anything else is a
+    bug: "Internal error", exit 1 (traceback with --debug)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            if ctx.meta.get("kps_verbose"):
-                raise
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - the top-level handler of the CLI
             if ctx.meta.get("kps_verbose"):
                 raise
-            click.echo(f"Internal error: {type(e).__name__}: {e}\nRe-run with --verbose for the traceback, and "
+            user = e if isinstance(e, UserError) else as_user_error(e)
+            if user is not None:
+                click.echo(f"Error: {user}", err=True)
+                sys.exit(2)
+            click.echo(f"Internal error: {type(e).__name__}: {e}\nRe-run with --debug for the traceback, and "
                        f"report it if it persists.", err=True)
             sys.exit(1)
 
 
 @click.group(cls=KpsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--debug", "--verbose", "verbose", is_flag=True, help="Show full tracebacks for errors.")
 @click.version_option(package_name="kps-bench")
 @click.pass_context
 def main(ctx, verbose):
@@ -83,7 +84,7 @@ SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set s
 @click.option("--out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Run directory to write (images/, images.jsonl, embeddings.safetensors, results.json). "
                    "Re-running into the same folder reuses the images already made.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Override generation.dtype.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per generation call (overrides "
               "generation.batch_size; lower it on out-of-memory). Images do not depend on it.")
@@ -111,14 +112,20 @@ def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype
               help="Protocol giving the encoders, subjects (and their references) and metrics.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for images.jsonl, "
               "embeddings.safetensors and results.json.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps.")
+@click.option("--label", "--method", "label", help="Method name of these images for leaderboards (default: base).")
+@click.option("--allow-outside-paths", is_flag=True, help="Read image paths that leave the manifest's folder "
+              "(absolute paths, ../). Refused by default, so a scoring service reads only the files it was given.")
+@click.option("--allow-unsafe-pickle", is_flag=True, help="Allow loading pickle encoder checkpoints (.bin/.pt). "
+              "Only for files you trust: pickle can run code.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def score(manifest, protocol_name, out, device, sets):
+def score(manifest, protocol_name, out, device, label, allow_outside_paths, allow_unsafe_pickle, sets):
     """Score images that already exist on disk (made by any tool)."""
     from .run import score_manifest
 
     protocol = _protocol(protocol_name, sets)
-    results = score_manifest(protocol, Path(manifest), Path(out), device)
+    results = score_manifest(protocol, Path(manifest), Path(out), device, label, allow_unsafe_pickle,
+                             allow_outside_paths)
     _print_summary(results, out)
 
 
@@ -171,10 +178,12 @@ def protocols_show(name, sets):
 @protocols.command("validate")
 @click.argument("path")
 def protocols_validate(path):
-    """Check a protocol file, including that every subject's references folder holds images."""
+    """Check a protocol file, every local path it names, and that every subject's references folder holds images."""
+    from .protocol import check_local_paths
     from .run import check_reference_folders, reference_images
 
     p = _protocol(path, ())
+    check_local_paths(p)
     check_reference_folders(p, p.subjects)
     for s in p.subjects:
         reference_images(p, s)
@@ -198,8 +207,10 @@ def protocols_validate(path):
 def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, resamples, seed):
     """Turn run directories into a leaderboard with 95% CIs, ranks and significance."""
     from .leaderboard import build_tables, load_run, render
-    from .rundir import write_text_atomic
+    from .rundir import check_writable, write_text_atomic
 
+    if out:
+        check_writable(out, is_file=True)
     tables = build_tables([load_run(d) for d in run_dirs], group_by, reference, allow_mixed, resamples, seed)
     text = render(tables, fmt)
     if out:
@@ -236,11 +247,12 @@ def plot(run_dirs, out, allow_mixed):
 
 @main.command("tiny-models")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tiny models to.")
-def tiny_models(out):
+@click.option("--force", is_flag=True, help="Write into --out even if it already holds files (they may be overwritten).")
+def tiny_models(out, force):
     """Write tiny random models and a protocol that uses them (for trying the plumbing; numbers are noise)."""
     from .tiny import build_all
 
-    path = build_all(out)
+    path = build_all(out, force)
     click.echo(f"Wrote tiny models and protocol {path}. Try:\n  kps-bench run --protocol {path} --adapter "
                f"{Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
 

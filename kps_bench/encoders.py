@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import UserError
-from .models import (WEIGHT_SUFFIXES, check_safetensors, combined_hash, file_sha256, folder_weight_hashes,
+from .models import (PICKLE_SUFFIXES, WEIGHT_SUFFIXES, check_safetensors, combined_hash, file_sha256, folder_weight_hashes,
                      quiet_progress_bars, refuse_pickle)
 
 
@@ -64,7 +64,8 @@ def _open_clip_config(arch: str) -> tuple[str, dict | None, Path | None]:
 class ClipEncoder:
     """open_clip model: ``encode_images(list[PIL]) -> [n, d]`` and ``encode_texts(list[str]) -> [n, d]``."""
 
-    def __init__(self, arch: str, weights: str, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, arch: str, weights: str, device: str = "cpu", batch_size: int = 64,
+                 allow_unsafe_pickle: bool = False):
         import open_clip
         import torch
 
@@ -73,8 +74,9 @@ class ClipEncoder:
         if wfile is None and cfg_dir is not None and (cfg_dir / "open_clip_model.safetensors").is_file():
             wfile = cfg_dir / "open_clip_model.safetensors"  # hub-format folder: weights next to the config
         if wfile is not None and wfile.is_file():
-            refuse_pickle(wfile, False, "encoders.clip.weights")
-            check_safetensors(wfile, "encoders.clip.weights")
+            refuse_pickle(wfile, allow_unsafe_pickle, "encoders.clip.weights")
+            if wfile.suffix not in PICKLE_SUFFIXES:
+                check_safetensors(wfile, "encoders.clip.weights")
             pretrained, self.weights_sha256 = str(wfile), file_sha256(wfile)
         elif wfile is not None and (wfile.suffix in WEIGHT_SUFFIXES or "/" in weights):
             raise UserError(f"encoders.clip.weights: checkpoint file '{weights}' does not exist.")
@@ -115,7 +117,7 @@ class ClipEncoder:
 class DinoEncoder:
     """DINO ViT (transformers ``ViTModel``): the CLS token of the last hidden state, L2-normalised."""
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, allow_unsafe_pickle: bool = False):
         import torch
         from transformers import AutoImageProcessor, ViTModel
 
@@ -125,14 +127,15 @@ class DinoEncoder:
         if local:
             weights = [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin")]
             if weights and not any(p.suffix == ".safetensors" for p in weights):
-                refuse_pickle(weights[0], False, "encoders.dino.model weights")
+                refuse_pickle(weights[0], allow_unsafe_pickle, "encoders.dino.model weights")
             for p in weights:
                 if p.suffix == ".safetensors":
                     pooler = "pooler.dense.weight" in check_safetensors(p, "encoders.dino.model weights") or pooler
         try:
             # built to match the checkpoint (the pooler is unused: the feature is the CLS token), so loading
             # reports only real mismatches
-            self.model = ViTModel.from_pretrained(model, add_pooling_layer=pooler, use_safetensors=True).to(device).eval()
+            self.model = ViTModel.from_pretrained(model, add_pooling_layer=pooler,
+                                                 use_safetensors=None if allow_unsafe_pickle else True).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(model)
         except OSError as e:
             raise UserError(f"encoders.dino.model: cannot load '{model}' ({str(e).splitlines()[0]}). Give a hub id "

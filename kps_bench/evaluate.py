@@ -113,7 +113,7 @@ def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], me
         st = subject_stats(records, emb, s)
         n_prompts = len(st.prompts)
         ones = torch.ones(n_prompts, dtype=torch.float64)
-        w = M.bootstrap_weights(n_prompts, resamples, seed + i) if n_prompts else torch.zeros(resamples, 0)
+        w = M.bootstrap_weights(n_prompts, resamples, seed + i)
         point, boot = st.values(ones), st.values(w)
         point_values[s], boot_values[s] = point, boot
         per_subject[s] = {m: _entry(point[m], boot[m], _n(st, m), confidence) for m in wanted}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .protocol import Generation, Protocol, Subject, canonical_json, derive_seed, expand_prompt
-from .rundir import ImageRecord, atomic_path, sha256_file
+from .rundir import ImageRecord, atomic_path, readable_image, sha256_file
 
 FLAG_KEY = "kps_flags"
 
@@ -62,6 +62,33 @@ def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Ge
         "device": device_type,
     }
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:32]
+
+
+def check_plan_size(protocol: Protocol, subjects: list[Subject], with_adapter: bool, image_dir: Path) -> int:
+    """Say how many images the run makes, and refuse a plan whose PNGs could not fit on the disk, before any job is
+    planned. Returns the number of images."""
+    import shutil
+
+    from .ui import console
+
+    g = protocol.generation
+    per_seed = 3 if with_adapter else 2  # base (= adapter, without one) on the trigger-free prompt; adapter on both
+    prompts = sum(len(protocol.prompts_for(s)) for s in subjects)
+    n = prompts * g.images_per_prompt * per_seed
+    most = n * (3 * g.resolution ** 2 + 4096)  # an 8-bit RGB PNG is at most its raw pixels plus headers
+    folder = image_dir
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    console.print(f"plan: {n:,} images ({prompts} prompt(s) of {len(subjects)} subject(s) x "
+                  f"{g.images_per_prompt} seed(s) x {per_seed}), {g.resolution}x{g.resolution}, at most "
+                  f"{most / 1e9:.3g} GB")
+    if most > free:
+        raise UserError(f"The plan makes {n:,} images of {g.resolution}x{g.resolution} pixels, up to "
+                        f"{most / 1e9:.3g} GB, but '{folder}' has {free / 1e9:.3g} GB free. Lower "
+                        f"generation.images_per_prompt (now {g.images_per_prompt}), the prompts or the subjects "
+                        f"(--set, --subject), or free disk space.")
+    return n
 
 
 def plan_jobs(protocol: Protocol, subjects: list[Subject], model: dict, adapter: dict | None,
@@ -109,6 +136,21 @@ def save_png(pixels, path: Path, flags: list[str], info: dict) -> None:
         meta.add_text(k, str(v))
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta)
+
+
+def is_cached(path: Path) -> bool:
+    """True when ``path`` holds a readable image; a file that is not (emptied, truncated) is deleted with a warning,
+    so it is made again."""
+    from .ui import console
+
+    if not path.is_file():
+        return False
+    if readable_image(path):
+        return True
+    console.print(f"[yellow]warning:[/] cached image '{path}' is corrupt ({path.stat().st_size} bytes); making it "
+                  f"again.")
+    path.unlink()
+    return False
 
 
 def read_flags(path: Path) -> list[str]:
@@ -159,7 +201,7 @@ def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size
     """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made."""
     pending, seen = [], set()
     for j in jobs:
-        if j.key not in seen and not (image_dir / j.filename).is_file():
+        if j.key not in seen and not is_cached(image_dir / j.filename):
             seen.add(j.key)
             pending.append(j)
     made = 0

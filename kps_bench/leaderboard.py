@@ -21,7 +21,7 @@ import torch
 from . import metrics as M
 from .errors import UserError
 from .evaluate import SubjectStats, subject_stats
-from .rundir import load_embeddings, read_manifest
+from .rundir import check_run_files, load_embeddings, read_manifest
 
 METRIC_COLUMNS = ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio")
 TESTED = ("kps", "preservation")
@@ -71,8 +71,12 @@ def load_run(path: str | Path) -> Run:
         results = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"'{f}' is not valid JSON ({e.msg}); re-run `kps-bench run` or `kps-bench score`.") from None
-    if "provenance" not in results or "kps_version" not in results:
+    if not isinstance(results, dict) or "provenance" not in results or "kps_version" not in results:
         raise UserError(f"'{f}' has no provenance/kps_version: it was not written by kps-bench run or score.")
+    if results.get("status") == "failed":
+        raise UserError(f"Run '{path}' is marked as failed ({results.get('failure', 'see its results.json')}); fix "
+                        f"and re-run it, or leave it out of the leaderboard.")
+    check_run_files(path, results)
     records = read_manifest(path / "images.jsonl")
     emb = load_embeddings(path / "embeddings.safetensors")
     stats = {s: subject_stats(records, emb, s) for s in results["metrics"]}
@@ -105,7 +109,7 @@ def _group_runs(runs: list[Run], group_by: str) -> dict[str, list[tuple[Run, str
         if dup:
             what = "subject" if group_by == "method" else "method"
             raise UserError(f"Two runs give {group_by} '{key}' the same {what} '{sorted(dup)[0]}'; pass each run once "
-                            f"(or label them apart with `kps-bench run --label`).")
+                            f"(or label them apart with `kps-bench run --label` or `kps-bench score --label`).")
     return groups
 
 
@@ -206,10 +210,10 @@ def _table(runs: list[Run], group_by: str, reference: str | None, resamples: int
                 row[f"p_{m}"] = p
                 row[f"n_pairs_{m}"] = n
         rows.append(row)
-    if "kps" in available:
-        order = sorted(rows, key=lambda r: -r["kps"]["value"])
+    if "kps" in available:  # a row whose kps is undefined (NaN) is not ranked and comes last
+        order = sorted(rows, key=lambda r: (math.isnan(r["kps"]["value"]), -r["kps"]["value"]))
         for rank, r in enumerate(order, 1):
-            r["rank"] = rank
+            r["rank"] = None if math.isnan(r["kps"]["value"]) else rank
         rows = order
     prov = runs[0].provenance
     enc = prov["protocol"]["encoders"]
@@ -236,6 +240,13 @@ def _p(p: float) -> str:
     return "—" if p is None or math.isnan(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
 
 
+def _rank(row: dict, unranked: str = "—") -> str:
+    """The row's rank; ``unranked`` for a row whose kps is undefined (NaN)."""
+    if "rank" not in row:
+        return ""
+    return unranked if row["rank"] is None else str(row["rank"])
+
+
 def _headers(t: Table) -> list[str]:
     h = ["rank", t.group_by] + t.metrics
     if t.reference:
@@ -244,7 +255,7 @@ def _headers(t: Table) -> list[str]:
 
 
 def _cells(t: Table, row: dict, fmt=_fmt, pfmt=_p) -> list[str]:
-    cells = [str(row.get("rank", "")), row["name"]] + [fmt(row[m]) if m in row else "—" for m in t.metrics]
+    cells = [_rank(row), row["name"]] + [fmt(row[m]) if m in row else "—" for m in t.metrics]
     if t.reference:
         cells += ["ref" if row["name"] == t.reference else pfmt(row.get(f"p_{m}")) for m in TESTED]
     return cells + [str(row["n_subjects"]), str(row["n_images"])]
@@ -316,7 +327,7 @@ def to_latex(t: Table) -> str:
     higher_better = {m: m not in LOWER_IS_BETTER for m in t.metrics}
     best = {}
     for m in t.metrics:
-        vals = [r[m]["value"] for r in t.rows if m in r]
+        vals = [r[m]["value"] for r in t.rows if m in r and not math.isnan(r[m]["value"])]
         if vals:
             best[m] = max(vals) if higher_better[m] else min(vals)
     h = _headers(t)
@@ -330,7 +341,7 @@ def to_latex(t: Table) -> str:
         return f
 
     for r in t.rows:
-        cells = [str(r.get("rank", "")), latex_escape(r["name"])]
+        cells = [_rank(r, "--"), latex_escape(r["name"])]
         cells += [fmt(m)(r[m]) if m in r else "--" for m in t.metrics]
         if t.reference:
             cells += ["ref" if r["name"] == t.reference else latex_escape(_p(r.get(f"p_{m}"))) for m in TESTED]

@@ -48,12 +48,12 @@ def similarity01(cos: torch.Tensor) -> torch.Tensor:
 
 
 def harmonic_mean(a, b):
-    """2ab / (a + b); 0 where a + b == 0. Works on floats and tensors."""
+    """2ab / (a + b); 0 where a + b == 0; NaN (undefined) where a or b is NaN. Works on floats and tensors."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
         s = a + b
-        return torch.where(s > 0, 2 * a * b / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    return 2 * a * b / (a + b) if (a + b) > 0 else 0.0
+        return torch.where(s == 0, torch.zeros_like(s), 2 * a * b / torch.where(s == 0, torch.ones_like(s), s))
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
 def kps(identity, preservation):
@@ -81,7 +81,10 @@ def vendi_score(emb: torch.Tensor) -> float:
 
 
 def bootstrap_weights(n_units: int, resamples: int, seed: int) -> torch.Tensor:
-    """Resampling counts ``[resamples, n_units]`` (float64): how often each unit (prompt) is drawn."""
+    """Resampling counts ``[resamples, n_units]`` (float64): how often each unit (prompt) is drawn. With no unit
+    the weights are empty, and every metric pooled under them is NaN."""
+    if n_units == 0:
+        return torch.zeros(resamples, 0, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n_units, (resamples, n_units), generator=g)
     w = torch.zeros(resamples, n_units, dtype=torch.float64)

@@ -189,6 +189,23 @@ def resolve_spec(spec: str, base_dir: str = "", default_sub: str = "") -> str:
     return str(p) if p.exists() else spec
 
 
+def check_local_paths(protocol: Protocol) -> None:
+    """Every model field that names a local file or folder (a path, not a hub id or open_clip tag) names one that
+    exists."""
+    fields = {"base_model": (protocol.base_model, "pipeline"),
+              "encoders.clip.arch": (protocol.encoders.clip.arch, "clip"),
+              "encoders.clip.weights": (protocol.encoders.clip.weights, ""),
+              "encoders.dino.model": (protocol.encoders.dino.model, "dino")}
+    for name, (spec, sub) in fields.items():
+        if not spec or Path(protocol.resolve(spec, sub)).exists():
+            continue
+        if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or Path(spec).suffix in (
+                ".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+            where = Path(protocol.source) / os.path.expanduser(spec) if protocol.source else Path(spec)
+            raise UserError(f"protocol '{protocol.name}': field '{name}' names '{spec}', which does not exist "
+                            f"(looked for '{where}'). Fix the path, or give a hub id.")
+
+
 def expand_prompt(template: str, subject: Subject, with_trigger: bool) -> str:
     """``{subject}`` -> ``"<trigger> <class_noun>"`` (or the class noun alone), ``{class_noun}`` -> class noun."""
     who = f"{subject.trigger} {subject.class_noun}" if with_trigger else subject.class_noun

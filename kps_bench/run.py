@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -13,12 +13,12 @@ from . import KPS_VERSION, __version__
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError
 from .evaluate import compute_results
-from .generate import generate, job_records, oom_guard, plan_jobs
-from .models import AdapterInfo, apply_adapter, load_pipeline, resolve_adapter, resolve_device
+from .generate import check_plan_size, generate, is_cached, job_records, oom_guard, plan_jobs
+from .models import AdapterInfo, apply_adapter, check_adapter_fits, load_pipeline, resolve_adapter, resolve_device
 from .protocol import Protocol, Subject
 from .provenance import Timings, device_info, git_commit, now_iso, package_versions
-from .rundir import (ImageRecord, load_embeddings, read_manifest, resolve_image_path, save_embeddings,
-                     sha256_file, write_json_atomic, write_manifest)
+from .rundir import (RESULTS, ImageRecord, check_run_files, check_writable, load_embeddings, read_manifest,
+                     readable_image, remove_stale_temporaries, resolve_image_path, sha256_file, write_run)
 from .ui import console, progress
 from .world import is_shapes_world
 
@@ -62,8 +62,6 @@ def check_reference_folders(protocol: Protocol, subjects) -> None:
 
 def reference_images(protocol: Protocol, subject: Subject) -> list[Path]:
     """The subject's reference images; a clear error when the folder is missing, empty or holds non-images."""
-    from PIL import Image, UnidentifiedImageError
-
     check_reference_folders(protocol, [subject])
     folder = protocol.references_dir(subject)
     where = f"subjects[{subject.name}].references"
@@ -74,11 +72,8 @@ def reference_images(protocol: Protocol, subject: Subject) -> list[Path]:
         raise UserError(f"{where}: folder '{folder}' {what}. Put the subject's reference images "
                         f"({', '.join(IMAGE_SUFFIXES)}) there.")
     for p in images:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError):
-            raise UserError(f"{where}: '{p}' is not a readable image. Remove it or replace it with a valid image file.") from None
+        if not readable_image(p):
+            raise UserError(f"{where}: '{p}' is not a readable image. Remove it or replace it with a valid image file.")
     return images
 
 
@@ -108,16 +103,24 @@ def reference_records(protocol: Protocol, subject: Subject, run_dir: Path) -> li
 # ----------------------------------------------------------------------------- scoring
 
 
-def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, device: str, timings: Timings,
-                    provenance: dict) -> dict:
-    """Encode every image once per encoder, store embeddings, compute metrics (and the shapes world's ground
-    truth), write results.json."""
+def load_encoders(protocol: Protocol, device: str, allow_unsafe_pickle: bool = False):
+    """The protocol's CLIP and (when a metric needs it) DINO encoders, loaded: ``(clip, dino or None)``."""
     need_dino = any(m in protocol.metrics for m in ("dino", "diversity", "vendi"))
     enc = protocol.encoders
-    with timings("load_encoders"):
-        clip = ClipEncoder(protocol.resolve(enc.clip.arch, "clip"), protocol.resolve(enc.clip.weights),
-                           device, enc.batch_size)
-        dino = DinoEncoder(protocol.resolve(enc.dino.model, "dino"), device, enc.batch_size) if need_dino else None
+    clip = ClipEncoder(protocol.resolve(enc.clip.arch, "clip"), protocol.resolve(enc.clip.weights),
+                       device, enc.batch_size, allow_unsafe_pickle)
+    dino = (DinoEncoder(protocol.resolve(enc.dino.model, "dino"), device, enc.batch_size, allow_unsafe_pickle)
+            if need_dino else None)
+    return clip, dino
+
+
+def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, encoders, timings: Timings,
+                    provenance: dict) -> dict:
+    """Encode every image once per encoder, compute metrics (and the shapes world's ground truth), and write
+    images.jsonl, embeddings.safetensors and results.json as one unit. Raises a UserError after writing when more
+    than half of the base or adapter images are flagged (results.json says ``status: failed``)."""
+    clip, dino = encoders
+    enc = protocol.encoders
     valid = [r for r in records if r.valid]
     paths = [resolve_image_path(out, r) for r in valid]
     for r, p in zip(valid, paths):
@@ -141,7 +144,6 @@ def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, d
         keys = sorted(texts)
         for k, e in zip(keys, clip.encode_texts([texts[k] for k in keys])):
             tensors[k] = e
-    save_embeddings(out / "embeddings.safetensors", tensors)
     provenance["encoders"] = {"clip": clip.identity, **({"dino": dino.identity} if dino else {})}
     b = protocol.bootstrap
     with timings("metrics"):
@@ -151,19 +153,42 @@ def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, d
         from .world.truth import truth
 
         with timings("ground_truth"):
-            results["ground_truth"] = truth(out, world_dir=base.parent, write=False)
+            results["ground_truth"] = truth(out, world_dir=base.parent, write=False, records=records)
     if results["counts"]["flagged"]:
         console.print(f"[yellow]warning:[/] {results['counts']['flagged']} image(s) are NaN or all black; they are "
                       f"flagged in images.jsonl and left out of the metrics (see counts.flagged in results.json).")
+    undefined = sorted({m for scope in [results["overall"], *results["metrics"].values()] for m, e in scope.items()
+                        if isinstance(e, dict) and math.isnan(e["value"])})
+    if undefined:
+        console.print(f"[yellow]warning:[/] {', '.join(undefined)} could not be computed (NaN) for some subjects: "
+                      f"they need trigger images and references (identity), seed-paired base and adapter images "
+                      f"(preservation) or two images per prompt (diversity), left after flagged images. They are "
+                      f"NaN in results.json, and the leaderboard ranks such runs last.")
+    failure = flagged_majority(records)
     provenance.update({"timings_s": timings.seconds, "end_time": now_iso()})
-    results = {"kps_version": KPS_VERSION, "kps_bench_version": __version__, **results, "provenance": provenance}
-    write_json_atomic(out / "results.json", results)
+    results = {"kps_version": KPS_VERSION, "kps_bench_version": __version__, "status": "failed" if failure else "ok",
+               **({"failure": failure} if failure else {}), **results, "provenance": provenance}
+    write_run(out, records, tensors, results)
+    if failure:
+        raise UserError(f"{failure} The results are written to {out / RESULTS} and marked as failed.")
     return results
+
+
+def flagged_majority(records: list[ImageRecord]) -> str | None:
+    """A summary when more than half of the base or of the adapter images are flagged (NaN or black), else None."""
+    for role in ("adapter", "base"):
+        rows = [r for r in records if r.role == role]
+        bad = sum(not r.valid for r in rows)
+        if rows and bad * 2 > len(rows):
+            return (f"{bad} of {len(rows)} {role} images are NaN or all black: the model or the generation settings "
+                    f"are broken (e.g. generation.guidance_scale, steps, or float16 overflow; try --dtype float32).")
+    return None
 
 
 def recompute(run_dir: Path) -> dict:
     """Metrics recomputed from ``images.jsonl`` and ``embeddings.safetensors`` alone (no model, no image)."""
-    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    results = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
+    check_run_files(run_dir, results)
     prot = results["provenance"]["protocol"]
     b = prot["bootstrap"]
     return compute_results(read_manifest(run_dir / "images.jsonl"), load_embeddings(run_dir / "embeddings.safetensors"),
@@ -186,7 +211,13 @@ def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: Adapter
     """``--subject`` names, else the adapter's training subject, else every evaluation subject (only without an
     adapter)."""
     if not names and adapter.training and adapter.training.get("subject"):
-        names = (adapter.training["subject"],)
+        name = adapter.training["subject"]
+        if name not in {s.name for s in protocol.subjects}:
+            raise UserError(f"The adapter's training.json (next to '{adapter.path}') names subject '{name}', which "
+                            f"protocol '{protocol.name}' does not define (it has: "
+                            f"{', '.join(s.name for s in protocol.subjects)}). Evaluate it with the protocol it was "
+                            f"trained with, or pass --subject NAME.")
+        names = (name,)
     if names:
         return [protocol.subject(n) for n in names]
     if adapter.kind != "none" and len(protocol.subjects) > 1:
@@ -199,14 +230,18 @@ def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: Adapter
 def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     """Generate base and adapter images for every subject and prompt, then score them into ``opts.out``."""
     timings = Timings()
+    out = Path(opts.out)
+    check_writable(out)
     adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
     subjects = select_subjects(protocol, opts.subjects, adapter)
     device = resolve_device(opts.device)
-    out = Path(opts.out)
     check_reference_folders(protocol, subjects)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    refs = [r for s in subjects for r in reference_records(protocol, s, out)]
+    for s in subjects:
+        reference_images(protocol, s)
     g = protocol.generation
+    check_plan_size(protocol, subjects, adapter.kind != "none", out / "images")
+    with timings("load_encoders"):  # every model and adapter is opened and checked before the first image
+        encoders = load_encoders(protocol, device, opts.allow_unsafe_pickle)
     batch = opts.batch_size or g.batch_size
     provenance = base_provenance(protocol, device, {
         "adapter": adapter.to_dict(), "label": opts.label or (adapter.training or {}).get("method"),
@@ -218,6 +253,13 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
         base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"), device, g.dtype,
                              g.scheduler, opts.allow_unsafe_pickle)
     provenance.update(base_model=base.identity, dtype=base.dtype)
+    triggers = [s.trigger for s in subjects]
+    check_adapter_fits(base.pipe, adapter, triggers, opts.allow_unsafe_pickle)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "images"):
+        if n := remove_stale_temporaries(folder):
+            console.print(f"removed {n} temporary file(s) that an interrupted run left in '{folder}'")
+    refs = [r for s in subjects for r in reference_records(protocol, s, out)]
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
     jobs = plan_jobs(protocol, subjects, base.identity, adapter_id, device.split(":")[0])
     image_dir = out / "images"
@@ -228,42 +270,60 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
             made["base"] = generate(base.pipe, base_jobs, g, image_dir, batch, advance)
     if adapter.kind != "none":
         adapter_jobs = [j for j in jobs if j.role == "adapter"]
-        todo = [j for j in adapter_jobs if not (image_dir / j.filename).is_file()]
+        todo = [j for j in adapter_jobs if not is_cached(image_dir / j.filename)]
         if todo:
             with timings("load_adapter"):
-                pipe = apply_adapter(base, adapter, [s.trigger for s in subjects], device, g.dtype, g.scheduler,
-                                     opts.allow_unsafe_pickle)
+                pipe = apply_adapter(base, adapter, triggers, device, g.dtype, g.scheduler, opts.allow_unsafe_pickle)
             with timings("generate_adapter"), progress("generate adapter", len({j.key for j in todo})) as advance:
                 made["adapter"] = generate(pipe, adapter_jobs, g, image_dir, batch, advance)
     provenance["images_made"] = made
     records = refs + job_records(jobs, image_dir, out)
-    write_manifest(out / "images.jsonl", records)
-    return embed_and_score(records, out, protocol, device, timings, provenance)
+    return embed_and_score(records, out, protocol, encoders, timings, provenance)
 
 
-def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = "auto") -> dict:
-    """Score images made elsewhere: references come from the manifest, or from the protocol's subjects."""
+def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = "auto", label: str | None = None,
+                   allow_unsafe_pickle: bool = False, allow_outside_paths: bool = False) -> dict:
+    """Score images made elsewhere: references come from the manifest, or from the protocol's subjects. Image paths
+    must stay inside the manifest's folder unless ``allow_outside_paths``; ``label`` names the method."""
     timings = Timings()
+    check_writable(out)
     device = resolve_device(device)
     records = read_manifest(manifest)
-    out.mkdir(parents=True, exist_ok=True)
+    if not any(r.role != "reference" for r in records):
+        raise UserError(f"Manifest '{manifest}' lists no base or adapter image (role 'base' or 'adapter'), so there "
+                        f"is nothing to score. Add one JSON line per generated image.")
     known = {s.name for s in protocol.subjects}
+    root = manifest.parent.resolve()
     for r in records:
         if r.subject not in known:
             raise UserError(f"{manifest}: image '{r.id}' has subject '{r.subject}', which protocol '{protocol.name}' "
                             f"does not define (it has: {', '.join(sorted(known))}).")
         p = resolve_image_path(manifest.parent, r)
+        if not allow_outside_paths and not p.resolve().is_relative_to(root):
+            raise UserError(f"{manifest}: image '{r.id}' points to '{p}', outside the manifest's folder '{root}'. "
+                            f"Move the images next to the manifest, or pass --allow-outside-paths if reading files "
+                            f"elsewhere is intended.")
         if not p.is_file():
             raise UserError(f"{manifest}: image '{r.id}' points to '{p}', which does not exist.")
-        r.path = os.path.relpath(p.resolve(), out.resolve())
-        r.sha256 = r.sha256 or sha256_file(p)
+        if not readable_image(p):
+            raise UserError(f"{manifest}: image '{r.id}' points to '{p}', which is not a readable image. Replace it "
+                            f"with a PNG/JPEG file or remove its line.")
+        sha = sha256_file(p)
+        if r.sha256 is not None and r.sha256 != sha:
+            raise UserError(f"{manifest}: image '{r.id}' has sha256 {r.sha256[:16]}... but '{p}' hashes to "
+                            f"{sha[:16]}...: the file changed since the manifest was written. Fix or drop its "
+                            f"'sha256' field.")
+        r.path, r.sha256 = os.path.relpath(p.resolve(), out.resolve()), sha
         if not r.flags and is_black(p):
             r.flags = ["black"]
+    with timings("load_encoders"):
+        encoders = load_encoders(protocol, device, allow_unsafe_pickle)
+    out.mkdir(parents=True, exist_ok=True)
     have_refs = {r.subject for r in records if r.role == "reference"}
     for s in protocol.subjects:
         if s.name in {r.subject for r in records} and s.name not in have_refs:
             records += reference_records(protocol, s, out)
-    write_manifest(out / "images.jsonl", records)
     provenance = base_provenance(protocol, device, {"manifest": str(manifest.resolve()),
-                                                    "manifest_sha256": sha256_file(manifest)})
-    return embed_and_score(records, out, protocol, device, timings, provenance)
+                                                    "manifest_sha256": sha256_file(manifest),
+                                                    "label": label, "method": label or "base"})
+    return embed_and_score(records, out, protocol, encoders, timings, provenance)

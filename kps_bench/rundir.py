@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Iterable, Iterator
 from .errors import UserError
 
 ROLES = ("reference", "base", "adapter")
+MANIFEST = "images.jsonl"
+EMBEDDINGS = "embeddings.safetensors"
+RESULTS = "results.json"
 
 
 @dataclass
@@ -70,6 +74,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_writable(path: str | os.PathLike, flag: str = "--out", is_file: bool = False) -> None:
+    """Before any work starts: ``path`` (a folder, or a file with ``is_file``) can be created and written. Probes
+    the nearest existing folder with a temporary file, which is removed again."""
+    target = Path(path).expanduser()
+    folder = target.parent if is_file else target
+    if is_file and target.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder; give a file name.")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} '{path}': '{existing}' is a file, not a folder. Choose another {flag}.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kps-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} '{path}' cannot be written: {e.strerror} in '{existing}'. Choose a folder you can "
+                        f"write to, or fix its permissions.") from None
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files (``.NAME.*.tmp*``) that a killed writer left in ``folder``; returns how many."""
+    stale = [p for p in folder.glob(".*.tmp*") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -77,6 +110,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+
+
+def readable_image(path: str | os.PathLike) -> bool:
+    """True when ``path`` opens and verifies as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -90,12 +135,41 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # ----------------------------------------------------------------------------- manifest
 
 
-def write_manifest(path: str | os.PathLike, records: Iterable[ImageRecord]) -> None:
-    lines = [json.dumps(dataclasses.asdict(r), ensure_ascii=False) for r in records]
-    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+def write_run(out: Path, records: Iterable[ImageRecord], tensors: dict, results: dict) -> None:
+    """Write ``images.jsonl``, ``embeddings.safetensors`` and ``results.json`` as one unit: all three to temporary
+    names, then renamed, ``results.json`` last. ``results["files"]`` records the sha256 of the other two, so a
+    folder interrupted between the renames is detected by :func:`check_run_files`."""
+    from safetensors.torch import save_file
+
+    with atomic_path(out / RESULTS) as res, atomic_path(out / EMBEDDINGS) as emb, atomic_path(out / MANIFEST) as man:
+        lines = [json.dumps(dataclasses.asdict(r), ensure_ascii=False) for r in records]
+        man.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+        save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()}, str(emb))
+        results["files"] = {MANIFEST: sha256_file(man), EMBEDDINGS: sha256_file(emb)}
+        res.write_text(json.dumps(results, indent=2, ensure_ascii=False, allow_nan=True) + "\n", encoding="utf-8")
+
+
+def check_run_files(run_dir: Path, results: dict) -> None:
+    """Refuse a run folder whose images.jsonl or embeddings differ from those its results.json was computed from
+    (a run or score interrupted while writing them)."""
+    for name, sha in (results.get("files") or {}).items():
+        f = run_dir / name
+        if not f.is_file() or sha256_file(f) != sha:
+            raise UserError(f"Run folder '{run_dir}' is inconsistent: its {name} is not the one its {RESULTS} was "
+                            f"computed from (a run or score was interrupted while writing them). Re-run the same "
+                            f"`kps-bench run` or `kps-bench score` command into it to make it whole again.")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ImageRecord)}
+_REQUIRED = ("id", "path", "role", "subject")
+#: Field -> (accepted JSON type, what the error says); None is accepted for the optional fields.
+_FIELD_TYPES = {
+    "id": (str, "a non-empty string"), "path": (str, "a string (a path relative to the manifest's folder)"),
+    "role": (str, "a string"), "subject": (str, "a string"), "prompt": (str, "a string"),
+    "prompt_without_trigger": (str, "a string"), "has_trigger": (bool, "true or false (a JSON boolean)"),
+    "seed": (int, "an integer"), "prompt_index": (int, "an integer"), "image_index": (int, "an integer"),
+    "sha256": (str, "a string"), "flags": (list, "a list of strings"),
+}
 
 
 def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
@@ -104,15 +178,23 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
     if not path.is_file():
         raise UserError(f"Manifest '{path}' does not exist. Give the images.jsonl of a run directory "
                         f"(one JSON object per line with id, path, role, subject, prompt, ...).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"Manifest '{path}' is not UTF-8 text (byte {e.start}: {e.reason}). It must be a JSON-lines "
+                        f"file: one JSON object per line with id, path, role, subject, ...") from None
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}, line {n}: not valid JSON ({e.msg}). Each line must be one JSON object.") from None
-        missing = [k for k in ("id", "path", "role", "subject") if k not in obj]
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}, line {n}: must be a JSON object with id, path, role, subject, ...; got a "
+                            f"{type(obj).__name__}.")
+        missing = [k for k in _REQUIRED if k not in obj]
         if missing:
             raise UserError(f"{path}, line {n}: missing field '{missing[0]}' (every line needs id, path, role, subject).")
         if obj["role"] not in ROLES:
@@ -120,6 +202,18 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
         if obj["role"] != "reference" and obj.get("prompt_without_trigger") is None:
             raise UserError(f"{path}, line {n}: a {obj['role']} image needs 'prompt_without_trigger' "
                             f"(the prompt with '<trigger> <class>' replaced by '<class>').")
+        for key, (kind, expected) in _FIELD_TYPES.items():
+            value = obj.get(key)
+            if (value is not None or key in _REQUIRED) and (not isinstance(value, kind) or (
+                    kind is not bool and isinstance(value, bool))):
+                raise UserError(f"{path}, line {n}: field '{key}' must be {expected}, got {value!r}.")
+        empty = [k for k in ("id", "path", "subject") if not obj[k].strip()]
+        if empty:
+            raise UserError(f"{path}, line {n}: field '{empty[0]}' must be a non-empty string.")
+        if obj.get("sha256") is not None and not re.fullmatch(r"[0-9a-f]{64}", obj["sha256"]):
+            raise UserError(f"{path}, line {n}: field 'sha256' must be 64 lowercase hex digits, got {obj['sha256']!r}.")
+        if not all(isinstance(f, str) for f in obj.get("flags") or []):
+            raise UserError(f"{path}, line {n}: field 'flags' must be a list of strings (nan, black).")
         records.append(ImageRecord(**{k: v for k, v in obj.items() if k in _FIELDS}))
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
@@ -146,13 +240,6 @@ def resolve_image_path(run_dir: str | os.PathLike, record: ImageRecord) -> Path:
 
 
 # ----------------------------------------------------------------------------- embeddings
-
-
-def save_embeddings(path: str | os.PathLike, tensors: dict) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()}, str(tmp))
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:

@@ -153,9 +153,17 @@ def tiny_protocol(out: Path) -> dict:
     }
 
 
-def build_all(out: str | Path) -> Path:
-    """Write everything; returns the protocol path ``out/tiny.yaml``."""
+def build_all(out: str | Path, force: bool = False) -> Path:
+    """Write everything; returns the protocol path ``out/tiny.yaml``. A folder that already holds files is refused
+    unless ``force``."""
+    from .errors import UserError
+    from .rundir import check_writable
+
     out = Path(out)
+    check_writable(out)
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' already holds files, which tiny-models would overwrite. Choose an empty or "
+                        f"new folder, or pass --force.")
     out.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(out)
     build_open_clip(out)

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
 LOG_FILE = "train_log.csv"
 TRAINING_JSON = "training.json"
 CHECKPOINT_FILE = "state.pt"
+DIVERGED_FILE = "diverged.json"  # in OUT.partial: the run diverged after its last checkpoint; --resume may change the recipe
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -152,7 +154,9 @@ def parse_overrides(items) -> dict:
 
 def _check_value(name: str, value, default, where: str):
     t = type(default)
-    if t is float and isinstance(value, int) and not isinstance(value, bool):
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where}: field '{name}' must be a finite number, got {value!r}.")
         return float(value)
     if t is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -160,7 +164,7 @@ def _check_value(name: str, value, default, where: str):
         return tuple(value)
     if isinstance(value, str) and t is float:  # YAML reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            return _check_value(name, float(value), default, where)
         except ValueError:
             pass
     if not isinstance(value, t) or (t is int and isinstance(value, bool)):
@@ -363,6 +367,7 @@ class Trainer:
     t0: float = 0.0
     start_time: str = ""
     final_losses: dict = field(default_factory=dict)
+    log_rows: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     # ---- setup
@@ -516,7 +521,6 @@ class Trainer:
         model = models if isinstance(model, (list, tuple)) else models[0]
         start = self._load_checkpoint(params, optimizer, scheduler) if self.resume else 0
         log = self._open_log(start)
-        last_terms: list[dict] = []
         try:
             with progress(f"train {self.method} · {self.subject.name}", r.steps) as advance:
                 advance(start)
@@ -534,6 +538,8 @@ class Trainer:
                         for k, v in terms.items():
                             sums[k] = sums.get(k, 0.0) + float(v) / r.gradient_accumulation_steps
                     grad_norm = acc.clip_grad_norm_(trainable, r.max_grad_norm)
+                    if not all(math.isfinite(v) for v in [*sums.values(), float(grad_norm)]):
+                        self._diverged(step + 1, sums, float(grad_norm), lr)
                     current_lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
@@ -544,10 +550,11 @@ class Trainer:
                            "lr": f"{current_lr:.6g}", "grad_norm": f"{float(grad_norm):.6g}",
                            "elapsed_s": f"{time.perf_counter() - self.t0:.2f}"}
                     log(row)
-                    last_terms.append(sums)
                     advance(1)
                     done = step + 1
                     if done < r.steps and done % r.checkpoint_every == 0:
+                        if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                            self._diverged(done, sums, float(grad_norm), lr, "the trained weights became inf or NaN")
                         self._save_checkpoint(params, optimizer, scheduler, done)
                     if self.stop_after is not None and done >= self.stop_after and done < r.steps:
                         raise TrainingInterrupted(done)
@@ -558,12 +565,33 @@ class Trainer:
                             f"or --set precision=fp16.") from None
         finally:
             log(None)
-        tail = last_terms[-max(1, len(last_terms) // 10):] if last_terms else []
+        # from the whole log, which keeps the steps before a resume, so a resumed run reports what an
+        # uninterrupted one does
+        rows = self.log_rows
+        tail = rows[-max(1, len(rows) // 10):]
+        keys = [k for k in rows[-1] if k.startswith("loss")] if rows else []
         self.final_losses = {
-            "last_step": last_terms[-1] if last_terms else self._logged_tail(1),
-            "mean_last_10pct": ({k: sum(t[k] for t in tail) / len(tail) for k in tail[0]} if tail else self._logged_tail(10)),
+            "last_step": {k: float(rows[-1][k]) for k in keys},
+            "mean_last_10pct": {k: sum(float(t[k]) for t in tail) / len(tail) for k in keys},
         }
         return self.final_losses
+
+    def _diverged(self, step: int, losses: dict, grad_norm: float, lr: float, what: str = "") -> None:
+        """Stop a training whose loss, gradient or weights are no longer finite, keeping the last good checkpoint."""
+        from ..rundir import write_json_atomic
+
+        ckpt = self.latest_checkpoint()
+        loss = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+        if ckpt is not None:
+            write_json_atomic(self.work / DIVERGED_FILE, {"step": step, "recipe_sha256": self.recipe.sha256})
+            kept = (f"The last good checkpoint (step {ckpt.parent.name.removeprefix('step-').lstrip('0')}) is kept in "
+                    f"'{self.work}': continue from it with --resume and the new --set.")
+        else:
+            kept = "No checkpoint was reached, so nothing is kept."
+        what = what or "the loss or gradient is not finite"
+        raise UserError(f"Training diverged at step {step} of {self.recipe.steps}: {what} ({loss}; gradient norm {grad_norm:.4g}) with learning_rate {lr:g}. Lower "
+                        f"learning_rate (e.g. --set learning_rate={lr / 10:g}) or max_grad_norm (now "
+                        f"{self.recipe.max_grad_norm:g}). {kept}")
 
     # ---- checkpoints and log
 
@@ -603,15 +631,31 @@ class Trainer:
         if path is None:
             return 0
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["recipe_sha256"] != self.recipe.sha256:
+        changed = state["recipe_sha256"] != self.recipe.sha256
+        if changed and not (self.work / DIVERGED_FILE).is_file():
             raise UserError(f"--resume: the checkpoint in '{path.parent}' was made with a different recipe "
                             f"(sha256 {state['recipe_sha256'][:12]}, now {self.recipe.sha256[:12]}). Resume with the "
                             f"same --set values, or delete '{self.work}' to start over.")
         with torch.no_grad():
             for k, p in params.items():
+                if k not in state["params"] or state["params"][k].shape != p.shape:
+                    raise UserError(f"--resume: the checkpoint in '{path.parent}' does not fit the new recipe "
+                                    f"(parameter '{k}' changed shape); change only optimisation fields such as "
+                                    f"learning_rate, or delete '{self.work}' to start over.")
                 p.copy_(state["params"][k].to(p.device, p.dtype))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if changed:  # after a divergence: the new recipe's optimiser starts afresh from the last good weights
+            import warnings
+
+            self.extra["recipe_changed_on_resume"] = {"from_recipe_sha256": state["recipe_sha256"],
+                                                      "at_step": state["step"]}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping the schedule to the checkpoint's step, not training
+                for _ in range(state["step"]):
+                    scheduler.step()
+            (self.work / DIVERGED_FILE).unlink()
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         self.gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.extra["resumed_from_step"] = state["step"]
@@ -625,12 +669,14 @@ class Trainer:
             with open(path, newline="", encoding="utf-8") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start]
         state = {"writer": None, "file": None, "rows": kept}
+        self.log_rows = list(kept)  # every row of the run, as logged (strings), across resumes
 
         def write(row):
             if row is None:
                 if state["file"]:
                     state["file"].close()
                 return
+            self.log_rows.append(row)
             if not self.accelerator.is_main_process:
                 return
             if state["writer"] is None:
@@ -643,15 +689,6 @@ class Trainer:
             state["file"].flush()
 
         return write
-
-    def _logged_tail(self, n: int) -> dict:
-        path = self.work / LOG_FILE
-        if not path.is_file():
-            return {}
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))[-n:]
-        keys = [k for k in (rows[0] if rows else {}) if k.startswith("loss")]
-        return {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys} if rows else {}
 
     # ---- finishing
 
@@ -724,6 +761,7 @@ def partial_dir(out: Path) -> Path:
 def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device: str = "auto", overrides=(),
                  resume: bool = False, stop_after: int | None = None) -> Trainer:
     """Validate every input (method, subject, references, recipe, output folder) before anything is written."""
+    from ..rundir import check_writable
     from ..run import reference_images
 
     if method not in METHODS:
@@ -732,6 +770,7 @@ def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device
     reference_images(protocol, subject)
     recipe, sources = load_recipe(method, protocol, overrides)
     out = Path(out).expanduser()
+    check_writable(out)
     work = partial_dir(out)
     if out.exists():
         raise UserError(f"--out '{out}' already exists; kps-bench does not overwrite a trained adapter. Choose another "

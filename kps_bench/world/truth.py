@@ -95,14 +95,20 @@ def signature_of(subject: str, ref_labels: list[dict]) -> dict:
     return sig
 
 
-def truth(run_dir, world_dir=None, write: bool = True) -> dict:
+def truth(run_dir, world_dir=None, write: bool = True, records=None) -> dict:
     """Compute the ground truth of a run on the shapes world; with ``write``, add it to results.json
-    under ``ground_truth`` (atomically). Returns the ``ground_truth`` dict."""
+    under ``ground_truth`` (atomically), after checking that the run was made on a shapes world. ``records``
+    (ImageRecords) stand for the run's images.jsonl while a run is being scored. Returns the ``ground_truth``
+    dict."""
+    import dataclasses
+
     from .probe import predict_files
     from .subjects import shows
 
     run_dir = Path(run_dir)
-    rows = read_images(run_dir)
+    if write:
+        check_shapes_world_run(run_dir)
+    rows = [dataclasses.asdict(r) for r in records] if records is not None else read_images(run_dir)
     probe_dir = Path(world_dir) / "probe" if world_dir else None
     paths = [run_dir / r["path"] for r in rows]
     missing = [str(p) for p in paths if not p.exists()]
@@ -175,6 +181,25 @@ def truth(run_dir, world_dir=None, write: bool = True) -> dict:
 
         write_json_atomic(rp, res)
     return gt
+
+
+def check_shapes_world_run(run_dir: Path) -> None:
+    """Refuse a run whose results.json does not say it was made on a shapes world: the probe's labels of other
+    images mean nothing."""
+    from . import is_shapes_world
+
+    rp = run_dir / "results.json"
+    try:
+        prov = json.loads(rp.read_text(encoding="utf-8")).get("provenance") or {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"'{rp}' is missing or unreadable: give the folder of a finished `kps-bench run` on the "
+                        f"shapes world.") from None
+    base = prov.get("base_model") or {}
+    spec = base.get("spec") or (prov.get("protocol") or {}).get("base_model")
+    if not spec or not (is_shapes_world(spec) or is_shapes_world(base.get("path") or spec)):
+        raise UserError(f"'{run_dir}' is not a shapes-world run (its base model is '{spec}'), so the shapes world's "
+                        f"probe has no ground truth for its images. `kps-bench world truth` works only on runs of a "
+                        f"protocol whose base_model is builtin:shapes-world or a world folder.")
 
 
 def print_truth(gt: dict, log=print) -> None:
