@@ -114,12 +114,31 @@ class ClipEncoder:
         return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def dino_processor(model: str, image_size: int) -> tuple[object, dict]:
+    """The model's image processor, and what provenance records of it. A local folder without
+    preprocessor_config.json (``ViTModel.save_pretrained`` alone writes none) gets DINO's standard preprocessing,
+    with a warning: a bilinear resize to the ViT's input size (224 px for DINO) and ImageNet mean and std."""
+    from transformers import AutoImageProcessor, ViTImageProcessor
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if not Path(model).is_dir() or (Path(model) / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(model), {"source": "preprocessor_config.json"}
+    from .ui import console
+
+    standard = {"source": "DINO standard (no preprocessor_config.json)", "size": image_size, "resample": "bilinear",
+                "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+    console.print(f"[yellow]warning:[/] encoders.dino.model '{model}' has no preprocessor_config.json; using DINO's "
+                  f"standard preprocessing ({image_size} px bilinear resize, ImageNet mean and std).")
+    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=standard["mean"],
+                             image_std=standard["std"]), standard
+
+
 class DinoEncoder:
     """DINO ViT (transformers ``ViTModel``): the CLS token of the last hidden state, L2-normalised."""
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, allow_unsafe_pickle: bool = False):
         import torch
-        from transformers import AutoImageProcessor, ViTModel
+        from transformers import ViTModel
 
         quiet_progress_bars()
         local = Path(model).exists()
@@ -136,13 +155,13 @@ class DinoEncoder:
             # reports only real mismatches
             self.model = ViTModel.from_pretrained(model, add_pooling_layer=pooler,
                                                  use_safetensors=None if allow_unsafe_pickle else True).to(device).eval()
-            self.processor = AutoImageProcessor.from_pretrained(model)
+            self.processor, preprocessing = dino_processor(model, self.model.config.image_size)
         except OSError as e:
             raise UserError(f"encoders.dino.model: cannot load '{model}' ({str(e).splitlines()[0]}). Give a hub id "
                             f"such as facebook/dino-vits16 or a folder saved with ViTModel.save_pretrained().") from None
         self.device, self.batch_size = device, batch_size
-        self.identity = {"model": model,
-                         "sha256": combined_hash(folder_weight_hashes(model)) if local else None}
+        self.identity = {"model": model, "sha256": combined_hash(folder_weight_hashes(model)) if local else None,
+                         "preprocessing": preprocessing}
         self._torch = torch
 
     def encode_images(self, images: Sequence) -> "torch.Tensor":

@@ -66,3 +66,43 @@ def test_dino_folder_with_or_without_a_pooler_loads_to_the_same_features(tiny, t
     assert torch.equal(pooled.model.pooler.dense.weight, full.pooler.dense.weight)
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy", "white")]
     assert torch.equal(bare.encode_images(images), pooled.encode_images(images))
+
+
+def test_dino_folder_without_preprocessor_config_gets_dinos_standard_preprocessing(tmp_path, capsys):
+    """``ViTModel.save_pretrained`` alone writes no preprocessor_config.json: the folder loads with DINO's standard
+    preprocessing (224 px bilinear resize, ImageNet mean/std), says so, records it, and gives exactly the features
+    of the same folder with facebook/dino-vits16's own preprocessor_config.json."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import ViTConfig, ViTModel
+
+    from kps_bench.encoders import DinoEncoder
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(tmp_path / "bare")
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.json", "model.safetensors"]
+    bare = DinoEncoder(str(tmp_path / "bare"))
+    warning = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert "has no preprocessor_config.json; using DINO's standard preprocessing (224 px" in warning
+    assert bare.identity["preprocessing"] == {"source": "DINO standard (no preprocessor_config.json)", "size": 224,
+                                              "resample": "bilinear", "mean": [0.485, 0.456, 0.406],
+                                              "std": [0.229, 0.224, 0.225]}
+    shutil.copytree(tmp_path / "bare", tmp_path / "hub-style")
+    (tmp_path / "hub-style" / "preprocessor_config.json").write_text(json.dumps({  # as facebook/dino-vits16 has it
+        "do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 224}))
+    configured = DinoEncoder(str(tmp_path / "hub-style"))
+    assert configured.identity["preprocessing"] == {"source": "preprocessor_config.json"}
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 48), (300, 300))]
+    feats = bare.encode_images(images)
+    assert feats.shape == (2, 32) and torch.equal(feats, configured.encode_images(images))
+    # by hand: bilinear resize to 224, scale to [0, 1], ImageNet normalisation, CLS token
+    x = torch.stack([torch.from_numpy(np.asarray(im.resize((224, 224), Image.BILINEAR), dtype=np.float32) / 255)
+                     .permute(2, 0, 1) for im in images])
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.inference_mode():
+        cls = bare.model(pixel_values=x).last_hidden_state[:, 0]
+    assert torch.allclose(feats, cls / cls.norm(dim=-1, keepdim=True), atol=1e-4)
