@@ -164,8 +164,23 @@ def test_black_images_are_flagged_and_counted(tiny_protocol, tmp_path):
     assert [x["flags"] for x in scored if x["id"] == "adapter-True-0.png"] == [["black"]]
 
 
-def test_verbose_shows_traceback_and_internal_errors_exit_1(tmp_path):
-    r = CliRunner().invoke(main, ["--verbose", "run", "--protocol", str(tmp_path / "nope.yaml")])
+def test_internal_errors_exit_1_and_point_to_debug(tiny_protocol, monkeypatch):
+    import kps_bench.protocol
+
+    def bug(*args, **kwargs):
+        return {}["no such key"]  # a true bug, not bad input
+
+    monkeypatch.setattr(kps_bench.protocol, "load_protocol", bug)
+    r = cli("protocols", "show", tiny_protocol)
+    assert r.exit_code == 1, r.output
+    assert "Internal error: KeyError: 'no such key'" in r.output and "--debug" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["--debug", "protocols", "show", str(tiny_protocol)])
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # --debug lets the traceback through
+
+
+def test_debug_shows_user_errors_as_exceptions(tmp_path):
+    r = CliRunner().invoke(main, ["--debug", "run", "--protocol", str(tmp_path / "nope.yaml")])
     assert r.exit_code != 0 and isinstance(r.exception, UserError)
 
 
@@ -175,3 +190,208 @@ def test_help_explains_options():
     for opt in ("--protocol", "--adapter", "--adapter-kind", "--subject", "--out", "--device", "--dtype",
                 "--batch-size", "--set", "--allow-unsafe-pickle"):
         assert opt in r.output
+
+
+# ----------------------------------------------------------------------------- issue 17: a corpus of malformed inputs
+
+RANDOM = bytes(__import__("random").Random(17).randrange(256) for _ in range(512))
+UNWRITABLE = "/sys/kps-bench-test/out"  # a read-only file system, even for root
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_protocol, tmp_path_factory):
+    from kps_bench.protocol import load_protocol
+    from kps_bench.run import RunOptions, run_benchmark
+
+    out = tmp_path_factory.mktemp("base-run")
+    run_benchmark(load_protocol(str(tiny_protocol)), RunOptions(out=out, adapter_kind="none", subjects=("red-block",),
+                                                                device="cpu"))
+    return out
+
+
+def _manifest(tmp_path, rows=None, raw=None):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    m = tmp_path / "m.jsonl"
+    if raw is not None:
+        m.write_bytes(raw)
+    else:
+        base = {"id": "a", "path": "a.png", "role": "adapter", "subject": "red-block", "seed": 0,
+                "prompt": "a sks block", "prompt_without_trigger": "a block", "has_trigger": True}
+        m.write_text("\n".join(json.dumps({**base, **r}) if isinstance(r, dict) else r for r in rows))
+    return m
+
+
+def _adapter(tiny, tmp_path, training=None, **files):
+    d = tmp_path / "adapter"
+    shutil.copytree(tiny / "lora", d)
+    if training is not None:
+        (d / "training.json").write_text(training)
+    for name, data in files.items():
+        (d / name.replace("__", ".")).write_bytes(data)
+    return d
+
+
+def _score(tp, m, out, *extra):
+    return ["score", "--manifest", m, "--protocol", tp, "--out", out, "--device", "cpu", *extra]
+
+
+CORPUS = {
+    "protocol random bytes (run)": (lambda c: ["run", "--protocol", c.file("r.yaml", RANDOM), "--out", c.out],
+                                    "is not UTF-8 text"),
+    "protocol random bytes (show)": (lambda c: ["protocols", "show", c.file("r.yaml", RANDOM)], "is not UTF-8 text"),
+    "protocol random bytes (validate)": (lambda c: ["protocols", "validate", c.file("r.yaml", RANDOM)],
+                                         "is not UTF-8 text"),
+    "protocol latin-1": (lambda c: ["protocols", "show", c.file("l.yaml", b"name: caf\xe9\n")], "is not UTF-8 text"),
+    "protocol empty": (lambda c: ["run", "--protocol", c.file("e.yaml", b""), "--out", c.out],
+                       "must hold a mapping of fields"),
+    "--set not UTF-8 (show)": (lambda c: ["protocols", "show", c.tp, "--set", "name=caf\udce9"],
+                               "is not valid UTF-8 text"),
+    "--set not UTF-8 (run)": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--set", "name=caf\udce9"],
+                              "is not valid UTF-8 text"),
+    "--set unknown field": (lambda c: ["protocols", "show", c.tp, "--set", "foo=1"],
+                            "--set foo: unknown field 'foo'. Allowed fields: name, version, description, base_model, "
+                            "generation, encoders, subjects, prompts,"),
+    "--set unknown nested field": (lambda c: ["protocols", "show", c.tp, "--set", "generation.stpes=3"],
+                                   "--set generation.stpes: unknown field 'generation.stpes'. Allowed fields of "
+                                   "generation: scheduler, steps,"),
+    "empty protocol name": (lambda c: ["protocols", "show", c.tp, "--set", "name="],
+                            "field 'name' must be a non-empty string"),
+    "infinite guidance": (lambda c: ["protocols", "show", c.tp, "--set", "generation.guidance_scale=.inf"],
+                          "field 'generation.guidance_scale' must be a finite number, got inf"),
+    "--device tpu (run)": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "tpu"],
+                           "--device 'tpu' is not a device kps-bench can use. Give one of: auto, cpu, cuda, cuda:N"),
+    "--device tpu (score)": (lambda c: _score(c.tp, _manifest(c.tmp, [{}]), c.out, "--device", "tpu"),
+                             "--device 'tpu' is not a device"),
+    "--device tpu (train)": (lambda c: ["train-baseline", "lora", "--protocol", c.tp, "--subject", "red-block",
+                                        "--out", c.out, "--device", "tpu"], "--device 'tpu' is not a device"),
+    "training.json is a list": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "cpu",
+                                           "--adapter", _adapter(c.tiny, c.tmp, "[]")],
+                                "training.json' must hold a JSON object (method, subject, recipe, ...), got a list"),
+    "training.json empty": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "cpu",
+                                       "--adapter", _adapter(c.tiny, c.tmp, "")], "is not valid JSON"),
+    "training.json names an unknown subject": (
+        lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "cpu",
+                   "--adapter", _adapter(c.tiny, c.tmp, '{"subject": "green-cone"}')],
+        "The adapter's training.json (next to"),
+    "adapter file empty": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "cpu", "--subject",
+                                      "red-block", "--adapter",
+                                      _adapter(c.tiny, c.tmp, pytorch_lora_weights__safetensors=b"")],
+                           "is not a valid safetensors file"),
+    "manifest empty": (lambda c: _score(c.tp, _manifest(c.tmp, raw=b""), c.out),
+                       "lists no base or adapter image (role 'base' or 'adapter'), so there is nothing to score"),
+    "manifest of references only": (lambda c: _score(c.tp, _manifest(c.tmp, [{"role": "reference"}]), c.out),
+                                     "lists no base or adapter image"),
+    "manifest random bytes": (lambda c: _score(c.tp, _manifest(c.tmp, raw=RANDOM), c.out), "is not UTF-8 text"),
+    "manifest line is a list": (lambda c: _score(c.tp, _manifest(c.tmp, ["[1, 2]"]), c.out),
+                                "line 1: must be a JSON object"),
+    "manifest path not an image": (lambda c: _score(c.tp, _manifest(c.tmp, [{"path": "notes.png"}]), c.out),
+                                   "which is not a readable image"),
+    "manifest path outside its folder": (lambda c: _score(c.tp, _manifest(c.tmp, [{"path": "/etc/passwd"}]), c.out),
+                                         "outside the manifest's folder"),
+    "manifest path climbing out": (lambda c: _score(c.tp, _manifest(c.tmp, [{"path": "../a.png"}]), c.out),
+                                   "outside the manifest's folder"),
+    "manifest seed not an integer": (lambda c: _score(c.tp, _manifest(c.tmp, [{"seed": "abc"}]), c.out),
+                                     "line 1: field 'seed' must be an integer, got 'abc'"),
+    "manifest has_trigger a string": (lambda c: _score(c.tp, _manifest(c.tmp, [{"has_trigger": "false"}]), c.out),
+                                      "field 'has_trigger' must be true or false (a JSON boolean), got 'false'"),
+    "manifest null id": (lambda c: _score(c.tp, _manifest(c.tmp, [{"id": None}]), c.out),
+                         "field 'id' must be a non-empty string, got None"),
+    "manifest wrong sha256": (lambda c: _score(c.tp, _manifest(c.tmp, [{"sha256": "0" * 64}]), c.out),
+                              "the file changed since the manifest was written"),
+    "run --out not writable": (lambda c: ["run", "--protocol", c.tp, "--out", UNWRITABLE, "--device", "cpu"],
+                               f"--out '{UNWRITABLE}' cannot be written"),
+    "score --out not writable": (lambda c: _score(c.tp, _manifest(c.tmp, [{}]), UNWRITABLE),
+                                 f"--out '{UNWRITABLE}' cannot be written"),
+    "tiny-models --out not writable": (lambda c: ["tiny-models", "--out", UNWRITABLE], "cannot be written"),
+    "train-baseline --out not writable": (lambda c: ["train-baseline", "lora", "--protocol", c.tp, "--subject",
+                                                     "red-block", "--out", UNWRITABLE, "--device", "cpu"],
+                                          "cannot be written"),
+    "leaderboard --out not writable": (lambda c: ["leaderboard", c.run, "--out", f"{UNWRITABLE}/board.md"],
+                                       "cannot be written"),
+    "tiny-models into a folder with files": (lambda c: ["tiny-models", "--out", c.tiny],
+                                             "already holds files, which tiny-models would overwrite"),
+    "leaderboard: results.json empty": (lambda c: ["leaderboard", c.copy_run(**{"results.json": b""})],
+                                        "is not valid JSON"),
+    "leaderboard: images.jsonl random bytes": (lambda c: ["leaderboard", c.copy_run(**{"images.jsonl": RANDOM})],
+                                               "is inconsistent: its images.jsonl is not the one"),
+    "leaderboard: embeddings empty": (lambda c: ["leaderboard", c.copy_run(**{"embeddings.safetensors": b""})],
+                                      "is inconsistent: its embeddings.safetensors"),
+    "world truth on a run that is not a shapes-world run": (lambda c: ["world", "truth", c.copy_run()],
+                                                            "is not a shapes-world run"),
+    "base_model: a missing folder": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "cpu",
+                                                "--base", "./no/such/folder"],
+                                     "is not a local folder ('./no/such/folder' does not exist) and not a hub id"),
+    "a plan larger than the disk": (lambda c: ["run", "--protocol", c.tp, "--out", c.out, "--device", "cpu",
+                                               "--set", "generation.images_per_prompt=1000000000"],
+                                    "The plan makes 8,000,000,000 images of 32x32 pixels"),
+}
+
+
+class _Case:
+    def __init__(self, tiny, tp, run, tmp):
+        self.tiny, self.tp, self.run, self.tmp, self.out = tiny, tp, run, tmp, tmp / "out"
+
+    def file(self, name, data):
+        (self.tmp / name).write_bytes(data)
+        return self.tmp / name
+
+    def copy_run(self, **replace):
+        d = self.tmp / "run-copy"
+        shutil.copytree(self.run, d)
+        for name, data in replace.items():
+            (d / name).write_bytes(data)
+        return d
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_malformed_input_exits_2_with_a_message_and_writes_nothing(case, tiny, tiny_protocol, base_run, tmp_path):
+    make_args, fragment = CORPUS[case]
+    c = _Case(tiny, tiny_protocol, base_run, tmp_path)
+    before = (c.run / "results.json").read_bytes()
+    r = cli(*make_args(c))
+    expect_user_error(r, fragment)
+    assert "Internal error" not in r.output
+    assert not (c.out / "results.json").exists() and not list(c.out.glob("images/*.png"))
+    assert (c.run / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["clip config", "lora shapes", "textual-inversion size"])
+def test_misfits_are_found_before_the_first_image(case, tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    args, expected = [], []
+    if case == "clip config":
+        p = protocol_copy(tiny, tmp_path)
+        missing = str(tiny / "clip" / "missing_config.json")
+        p.write_text(p.read_text().replace(str(tiny / "clip" / "open_clip_config.json"), missing))
+        r = cli("protocols", "validate", p)
+        expect_user_error(r, f"field 'encoders.clip.arch' names '{missing}', which does not exist")
+        args = ["--protocol", p]
+        expected = ["open_clip model config", "missing_config.json' does not exist"]
+    elif case == "lora shapes":
+        d = tmp_path / "sdxl-lora"
+        d.mkdir()
+        lora = load_file(str(tiny / "lora" / "pytorch_lora_weights.safetensors"))
+        assert all(".lora.down." in k or ".lora.up." in k for k in lora)  # a LoRA for a base twice as wide
+        wider = {k: torch.zeros(v.shape[0] * (2 if ".up." in k else 1), v.shape[1] * (2 if ".down." in k else 1))
+                 for k, v in lora.items()}
+        save_file(wider, str(d / "pytorch_lora_weights.safetensors"))
+        args = ["--protocol", tiny / "tiny.yaml", "--adapter", d, "--subject", "red-block"]
+        key = sorted(wider)[0]
+        expected = [f"LoRA '{d / 'pytorch_lora_weights.safetensors'}' does not fit the base model: its tensor "
+                    f"'{key}' has shape {list(wider[key].shape)}", "The shapes do not match the base",
+                    "trained for another base model"]
+    else:
+        d = tmp_path / "ti"
+        d.mkdir()
+        save_file({"sks": torch.zeros(1, 64)}, str(d / "learned_embeds.safetensors"))
+        args = ["--protocol", tiny / "tiny.yaml", "--adapter", d, "--subject", "red-block"]
+        expected = ["embedding 'sks' has size 64, but the base model's text encoder uses embeddings of size 32"]
+    r = cli("run", *args, "--out", tmp_path / "o", "--device", "cpu")
+    expect_user_error(r, *expected)
+    assert "{" not in r.output.split("Error:")[1]  # no unfilled placeholder
+    assert not list((tmp_path / "o").glob("images/*.png"))
