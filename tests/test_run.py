@@ -1,6 +1,7 @@
 """End-to-end `run` and `score` on tiny local models, the run-directory format, and the identical-model properties."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -118,3 +119,143 @@ def test_the_loaded_dtype_is_the_requested_one(tiny):
     loaded = load_pipeline("pipeline", str(tiny / "pipeline"), "cpu", "bfloat16", "ddim")
     assert loaded.dtype == "bfloat16" and loaded.pipe.unet.dtype == torch.bfloat16
     assert loaded.pipe.text_encoder.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+
+def _to_pickle(folder):
+    """transformers saves safetensors whatever it is told: rewrite them as pytorch_model.bin."""
+    for f in folder.rglob("*.safetensors"):
+        torch.save(load_file(str(f)), f.with_name("pytorch_model.bin"))
+        f.unlink()
+    assert list(folder.rglob("*.bin"))
+
+
+def test_allow_unsafe_pickle_works_for_every_weight_file(tiny, tmp_path):
+    """Base pipeline, LoRA, textual inversion, CLIP and DINO saved as pickle load with the flag (and match their
+    safetensors twins), and are refused without it."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+    from transformers import ViTModel
+
+    from kps_bench.encoders import ClipEncoder, DinoEncoder
+    from kps_bench.errors import UserError
+    from kps_bench.models import apply_adapter, count_lora_layers, load_pipeline, resolve_adapter
+
+    StableDiffusionPipeline.from_pretrained(tiny / "pipeline").save_pretrained(tmp_path / "base",
+                                                                              safe_serialization=False)
+    _to_pickle(tmp_path / "base")
+    with pytest.raises(UserError, match="--allow-unsafe-pickle"):
+        load_pipeline("b", str(tmp_path / "base"), "cpu", "float32", "ddim")
+    base = load_pipeline("b", str(tmp_path / "base"), "cpu", "float32", "ddim", allow_unsafe_pickle=True)
+
+    for kind, folder, name in (("lora", "lora", "pytorch_lora_weights"), ("ti", "textual-inversion", "learned_embeds")):
+        (tmp_path / kind).mkdir()
+        torch.save(load_file(str(tiny / folder / f"{name}.safetensors")), tmp_path / kind / f"{name}.bin")
+        with pytest.raises(UserError, match="--allow-unsafe-pickle"):
+            resolve_adapter(str(tmp_path / kind), "auto", False)
+    lora = resolve_adapter(str(tmp_path / "lora"), "auto", True)
+    pipe = apply_adapter(base, lora, ["sks"], "cpu", "float32", "ddim", allow_unsafe_pickle=True)
+    assert lora.kind == "lora" and count_lora_layers(pipe) == 32
+    base = load_pipeline("b", str(tmp_path / "base"), "cpu", "float32", "ddim", allow_unsafe_pickle=True)
+    ti = resolve_adapter(str(tmp_path / "ti"), "auto", True)
+    pipe = apply_adapter(base, ti, ["sks"], "cpu", "float32", "ddim", allow_unsafe_pickle=True)
+    token = pipe.tokenizer.convert_tokens_to_ids("sks")
+    expected = load_file(str(tiny / "textual-inversion" / "learned_embeds.safetensors"))["sks"]
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token], expected.flatten())
+
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy")]
+    torch.save(load_file(str(tiny / "clip" / "open_clip_model.safetensors")), tmp_path / "clip.bin")
+    config = str(tiny / "clip" / "open_clip_config.json")
+    with pytest.raises(UserError, match="--allow-unsafe-pickle"):
+        ClipEncoder(config, str(tmp_path / "clip.bin"))
+    clip_bin = ClipEncoder(config, str(tmp_path / "clip.bin"), allow_unsafe_pickle=True)
+    clip_safe = ClipEncoder(config, str(tiny / "clip" / "open_clip_model.safetensors"))
+    assert torch.equal(clip_bin.encode_images(images), clip_safe.encode_images(images))
+
+    ViTModel.from_pretrained(tiny / "dino", add_pooling_layer=False).save_pretrained(tmp_path / "dino",
+                                                                                   safe_serialization=False)
+    shutil.copy(tiny / "dino" / "preprocessor_config.json", tmp_path / "dino")
+    _to_pickle(tmp_path / "dino")
+    with pytest.raises(UserError, match="--allow-unsafe-pickle"):
+        DinoEncoder(str(tmp_path / "dino"))
+    dino_bin = DinoEncoder(str(tmp_path / "dino"), allow_unsafe_pickle=True)
+    assert torch.equal(dino_bin.encode_images(images), DinoEncoder(str(tiny / "dino")).encode_images(images))
+
+
+def _scored_without_base(lora_run, tmp_path, label):
+    """The LoRA run's adapter images alone in a manifest: no base image, so preservation (and kps) is undefined."""
+    out, _ = lora_run
+    manifest = tmp_path / "m" / "images.jsonl"
+    shutil.copytree(out / "images", manifest.parent / "images")
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows if r["role"] == "adapter"))
+    return manifest
+
+
+def test_undefined_kps_is_nan_and_ranked_last(lora_run, tiny_protocol, tmp_path):
+    from kps_bench.leaderboard import build_tables, load_run, render
+
+    out, _ = lora_run
+    manifest = _scored_without_base(lora_run, tmp_path, "no-base")
+    r = CliRunner().invoke(main, ["score", "--manifest", str(manifest), "--protocol", str(tiny_protocol), "--out",
+                                  str(tmp_path / "no-base"), "--device", "cpu", "--label", "adapter-alone"])
+    assert r.exit_code == 0, r.output
+    warning = " ".join(r.output.split())
+    assert "warning: diversity_base, diversity_ratio, kps, preservation, vendi_base, vendi_ratio could not be " \
+           "computed (NaN)" in warning and "the leaderboard ranks such runs last" in warning
+    res = json.loads((tmp_path / "no-base" / "results.json").read_text())
+    m = res["metrics"]["red-block"]
+    assert m["preservation"]["n"] == 0 and math.isnan(m["preservation"]["value"]) and math.isnan(m["kps"]["value"])
+    assert math.isnan(m["kps"]["ci_low"]) and math.isnan(res["overall"]["kps"]["value"])
+    assert m["identity"]["value"] == pytest.approx(lora_run[1]["metrics"]["red-block"]["identity"]["value"], abs=1e-12)
+    assert res["provenance"]["label"] == "adapter-alone"
+    (table,) = build_tables([load_run(tmp_path / "no-base"), load_run(out)], resamples=50)
+    assert [(row["name"], row["rank"]) for row in table.rows] == [("lora", 1), ("adapter-alone", None)]
+    md = render([table], "md").splitlines()
+    assert md[2].startswith("| 1 | lora |") and md[3].startswith("| — | adapter-alone | nan [nan, nan] |")
+
+
+def test_more_than_half_flagged_fails_the_run_but_writes_its_results(tiny, tiny_protocol, tmp_path):
+    r = CliRunner().invoke(main, ["run", "--protocol", str(tiny_protocol), "--adapter", str(tiny / "lora"),
+                                  "--subject", "red-block", "--out", str(tmp_path), "--device", "cpu",
+                                  "--set", "generation.guidance_scale=3.0e+38"])
+    assert r.exit_code == 2, r.output
+    assert "Error: 8 of 8 adapter images are NaN or all black" in r.output and "marked as failed" in r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "failed" and res["counts"]["flagged"] == 12 and "8 of 8 adapter" in res["failure"]
+    board = CliRunner().invoke(main, ["leaderboard", str(tmp_path)])
+    assert board.exit_code == 2 and "is marked as failed" in board.output
+
+
+def test_corrupt_cached_image_and_stale_temporaries_are_replaced(lora_run, tiny, tiny_protocol, tmp_path):
+    out, results = lora_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    victim = sorted((run / "images").glob("*.png"))[0]
+    good = victim.read_bytes()
+    victim.write_bytes(b"")  # emptied by a crash or a full disk
+    stale = run / "images" / f".{victim.name}.k1ll3d.tmp.png"
+    stale.write_bytes(good[:100])
+    r = CliRunner().invoke(main, ["run", "--protocol", str(tiny_protocol), "--adapter", str(tiny / "lora"),
+                                  "--subject", "red-block", "--out", str(run), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "is corrupt (0 bytes); making it again" in " ".join(r.output.split())
+    assert victim.read_bytes() == good and not stale.exists()
+    assert json.loads((run / "results.json").read_text())["metrics"] == results["metrics"]
+
+
+def test_an_interrupted_rescore_is_detected(lora_run, tmp_path):
+    """Killed between writing images.jsonl and results.json: the folder no longer matches its results."""
+    from kps_bench.errors import UserError
+    from kps_bench.leaderboard import load_run
+
+    out, _ = lora_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    lines = (run / "images.jsonl").read_text().splitlines()
+    (run / "images.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    for reader in (load_run, recompute):
+        with pytest.raises(UserError, match="is inconsistent: its images.jsonl is not the one its results.json"):
+            reader(run)
