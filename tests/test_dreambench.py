@@ -48,6 +48,15 @@ def test_dreambench_protocol_is_the_papers():
     assert obj[24] == "a cube shaped {subject}"
 
 
+def test_baselines_train_on_the_instance_prompt_not_the_evaluation_prompts():
+    from kps_bench.train import load_recipe
+
+    for name in ("dreambench", "dreambench-quick"):
+        for method in ("lora", "dreambooth"):
+            recipe, _ = load_recipe(method, load_protocol(name))
+            assert recipe.captions == ("a photo of a {subject}",)
+
+
 def test_quick_protocol_is_a_subset_of_dreambench():
     full, quick = load_protocol("dreambench"), load_protocol("dreambench-quick")
     assert len(quick.subjects) == 5 and quick.generation.images_per_prompt == 2
@@ -55,7 +64,7 @@ def test_quick_protocol_is_a_subset_of_dreambench():
     for s in quick.subjects:
         assert s == full.subject(s.name)
         assert len(quick.prompts_for(s)) == 5 and set(quick.prompts_for(s)) <= set(full.prompts_for(s))
-    assert (quick.base_model, quick.encoders) == (full.base_model, full.encoders)
+    assert (quick.base_model, quick.encoders, quick.training) == (full.base_model, full.encoders, full.training)
 
 
 @pytest.mark.parametrize("name, prompts", [("dreambench", 25), ("dreambench-quick", 5)])
