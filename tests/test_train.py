@@ -22,27 +22,19 @@ FAST = ["steps=4", "resolution=32", "checkpoint_every=2", "gradient_checkpointin
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from kps_bench.tiny import build_all
-
-    torch.set_num_threads(1)
-    return build_all(tmp_path_factory.mktemp("tiny-train"))
-
-
-@pytest.fixture(scope="module")
-def protocol(tiny):
-    return load_protocol(str(tiny))
+def protocol(tiny_protocol):
+    return load_protocol(str(tiny_protocol))
 
 
 def _weights(out: Path) -> dict:
     return load_file(str(out / LORA_FILE))
 
 
-def _tiny_unet_with_lora(tiny, seed=0):
+def _tiny_unet_with_lora(tiny_protocol, seed=0):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    unet = UNet2DConditionModel.from_pretrained(tiny.parent / "pipeline" / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_protocol.parent / "pipeline" / "unet")
     base = copy.deepcopy(unet)
     torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
@@ -63,8 +55,8 @@ def _batch(seed=0, n=2):
 # ----------------------------------------------------------------------------- recipes
 
 
-def test_recipe_merge_order_and_hash(tmp_path, tiny):
-    raw = yaml.safe_load(tiny.read_text())
+def test_recipe_merge_order_and_hash(tmp_path, tiny_protocol):
+    raw = yaml.safe_load(tiny_protocol.read_text())
     raw["training"] = {"defaults": {"steps": 7, "resolution": 32}, "cat": {"learning_rate": 3e-3, "cat_weight": 0.5}}
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -101,10 +93,10 @@ def test_baselines_cover_every_field():
 # ----------------------------------------------------------------------------- the CAT loss
 
 
-def test_cat_loss_equals_hand_computation(tiny):
+def test_cat_loss_equals_hand_computation(tiny_protocol):
     from kps_bench.train.cat import cat_loss
 
-    unet, base = _tiny_unet_with_lora(tiny)
+    unet, base = _tiny_unet_with_lora(tiny_protocol)
     batch, emb_t, emb_y = _batch()
     lam = 0.7
     total, denoise, preserve = cat_loss(unet, unet, batch, batch.noise, emb_t, emb_y, lam)
@@ -126,10 +118,10 @@ def test_cat_loss_equals_hand_computation(tiny):
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
 
 
-def test_disabled_adapter_reproduces_the_base_exactly(tiny):
+def test_disabled_adapter_reproduces_the_base_exactly(tiny_protocol):
     from kps_bench.train.cat import adapter_disabled
 
-    unet, base = _tiny_unet_with_lora(tiny)
+    unet, base = _tiny_unet_with_lora(tiny_protocol)
     batch, emb, _ = _batch(1)
     with torch.no_grad():
         expected = base(batch.noisy, batch.timesteps, emb).sample
@@ -154,18 +146,19 @@ def test_cat_with_zero_weight_trains_exactly_lora(tmp_path, protocol):
     t = json.loads((c / TRAINING_JSON).read_text())
     assert t["method"] == "cat" and t["subject"] == "red-block" and t["recipe"]["cat_weight"] == 1.0
     assert t["protocol_sha256"] == protocol.sha256 and len(t["recipe_sha256"]) == 64
-    assert t["seed"] == t["recipe"]["seed"] and t["duration_s"] > 0 and "loss_preserve" in t["final_loss"]["last_step"]
+    assert t["seed"] == t["recipe"]["seed"] and "loss_preserve" in t["final_loss"]["last_step"]
+    assert isinstance(t["duration_s"], float) and 0 <= t["duration_s"] < 600 and t["start_time"] <= t["end_time"]
     assert not partial_dir(c).exists()
 
 
 # ----------------------------------------------------------------------------- formats
 
 
-def test_saved_lora_loads_with_plain_diffusers_and_changes_the_output(tmp_path, tiny, protocol):
+def test_saved_lora_loads_with_plain_diffusers_and_changes_the_output(tmp_path, tiny_protocol, protocol):
     from diffusers import StableDiffusionPipeline
 
     out = train("lora", protocol, "red-block", tmp_path / "lora", "cpu", FAST + ["learning_rate=5e-2"]).out
-    pipe = StableDiffusionPipeline.from_pretrained(tiny.parent / "pipeline", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_protocol.parent / "pipeline", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
     def image():
@@ -200,7 +193,7 @@ def test_sorting_safetensors_metadata_keeps_tensors_and_length(tmp_path):
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
 
 
-def test_the_same_lora_gives_the_same_file_bytes_in_every_process(tmp_path, tiny):
+def test_the_same_lora_gives_the_same_file_bytes_in_every_process(tmp_path, tiny_protocol):
     """Two processes with different string-hash seeds write byte-identical adapter files (content hashes
     and the run cache keys built on them must not depend on the process)."""
     import hashlib
@@ -211,14 +204,14 @@ def test_the_same_lora_gives_the_same_file_bytes_in_every_process(tmp_path, tiny
     digests = set()
     for seed in ("1", "2"):
         out = tmp_path / f"lora-{seed}"
-        cmd = [sys.executable, "-m", "kps_bench", "train-baseline", "lora", "--protocol", str(tiny), "--subject",
+        cmd = [sys.executable, "-m", "kps_bench", "train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject",
                "blue-ball", "--out", str(out), "--device", "cpu", *[a for s in FAST for a in ("--set", s)]]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed})
         digests.add(hashlib.sha256((out / LORA_FILE).read_bytes()).hexdigest())
     assert len(digests) == 1
 
 
-def test_textual_inversion_leaves_other_rows_untouched(tmp_path, tiny, protocol):
+def test_textual_inversion_leaves_other_rows_untouched(tmp_path, tiny_protocol, protocol):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     out = tmp_path / "ti"
@@ -226,8 +219,8 @@ def test_textual_inversion_leaves_other_rows_untouched(tmp_path, tiny, protocol)
         train("textual-inversion", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-1"], stop_after=2)
     ckpt = next(partial_dir(out).glob(f"checkpoints/step-*/{CHECKPOINT_FILE}"))
     emb = torch.load(ckpt, weights_only=True)["params"]["text_encoder.token_embedding"]
-    base = CLIPTextModel.from_pretrained(tiny.parent / "pipeline" / "text_encoder").get_input_embeddings().weight
-    tok = CLIPTokenizer.from_pretrained(tiny.parent / "pipeline" / "tokenizer")
+    base = CLIPTextModel.from_pretrained(tiny_protocol.parent / "pipeline" / "text_encoder").get_input_embeddings().weight
+    tok = CLIPTokenizer.from_pretrained(tiny_protocol.parent / "pipeline" / "tokenizer")
     assert emb.shape[0] == base.shape[0] + 1
     assert torch.equal(emb[: base.shape[0]], base.detach())  # every other row bit-identical, despite weight decay
     init = base[tok.encode("block", add_special_tokens=False)].mean(0)
@@ -288,6 +281,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, protocol
         train("cat", protocol, "red-block", out, "cpu", sets[:-1] + ["steps=6"], resume=True)
     res = train("cat", protocol, "red-block", out, "cpu", sets, resume=True)
     assert res.training["resumed_from_step"] == 2
+    # the loss statistics cover every step, not only those after the resume
+    assert res.training["final_loss"] == json.loads((full / TRAINING_JSON).read_text())["final_loss"]
     wf, wr = _weights(full), _weights(out)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     strip = lambda p: [",".join(line.split(",")[:-1]) for line in (p / LOG_FILE).read_text().splitlines()]  # noqa: E731
@@ -326,36 +321,36 @@ def _cli():
     (["lora", "--subject", "green-cone"], "Unknown subject 'green-cone'"),
     (["lora", "--subject", "red-block", "--set", "rank=zero"], "field 'rank' must be an integer"),
 ])
-def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny, args, message):
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_protocol, args, message):
     out = tmp_path / "out"
-    result = CliRunner().invoke(_cli(), ["train-baseline", *args, "--protocol", str(tiny), "--out", str(out),
+    result = CliRunner().invoke(_cli(), ["train-baseline", *args, "--protocol", str(tiny_protocol), "--out", str(out),
                                          "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists() and not partial_dir(out).exists()
 
 
-def test_cli_trains_and_reports(tmp_path, tiny):
+def test_cli_trains_and_reports(tmp_path, tiny_protocol):
     out = tmp_path / "out"
     sets = [a for s in FAST for a in ("--set", s)]
-    result = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny), "--subject", "blue-ball",
+    result = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject", "blue-ball",
                                          "--out", str(out), "--device", "cpu", *sets])
     assert result.exit_code == 0, result.output
     assert (out / LORA_FILE).is_file() and json.loads((out / TRAINING_JSON).read_text())["subject"] == "blue-ball"
-    again = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny), "--subject", "blue-ball",
+    again = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject", "blue-ball",
                                         "--out", str(out), "--device", "cpu"])
     assert again.exit_code == 2 and "already exists" in again.output
 
 
-def test_missing_references(tmp_path, tiny):
-    prot = load_protocol(str(tiny), ["subjects.0.references=nowhere"])
+def test_missing_references(tmp_path, tiny_protocol):
+    prot = load_protocol(str(tiny_protocol), ["subjects.0.references=nowhere"])
     with pytest.raises(UserError, match="does not exist"):
         train("lora", prot, "red-block", tmp_path / "o", "cpu", FAST)
     assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
 
 
-def test_textual_inversion_rejects_an_existing_token(tmp_path, tiny):
-    prot = load_protocol(str(tiny), ["subjects.0.trigger=a"])  # 'a' is a token of the CLIP vocabulary
+def test_textual_inversion_rejects_an_existing_token(tmp_path, tiny_protocol):
+    prot = load_protocol(str(tiny_protocol), ["subjects.0.trigger=a"])  # 'a' is a token of the CLIP vocabulary
     with pytest.raises(UserError, match="already exists in the base model's tokenizer"):
         train("textual-inversion", prot, "red-block", tmp_path / "o", "cpu", FAST)
     assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
@@ -371,3 +366,46 @@ def test_out_of_memory_names_the_knob_and_leaves_nothing(tmp_path, protocol, mon
     with pytest.raises(UserError, match="batch_size=N"):
         train("lora", protocol, "red-block", tmp_path / "o", "cpu", FAST)
     assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- divergence (issue 17)
+
+
+def test_a_diverging_training_stops_with_exit_2_and_leaves_no_adapter(tmp_path, tiny_protocol):
+    out = tmp_path / "out"
+    sets = [a for s in FAST + ["learning_rate=1e30"] for a in ("--set", s)]
+    r = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject",
+                                    "red-block", "--out", str(out), "--device", "cpu", *sets])
+    assert r.exit_code == 2, r.output
+    assert "Error: Training diverged at step 2 of 4: the loss or gradient is not finite (loss nan" in r.output
+    assert "with learning_rate 1e+30. Lower learning_rate (e.g. --set learning_rate=1e+29)" in r.output
+    assert "No checkpoint was reached, so nothing is kept." in r.output
+    assert not out.exists() and not partial_dir(out).exists()
+    r = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject",
+                                    "red-block", "--out", str(out), "--set", "learning_rate=.inf"])
+    assert r.exit_code == 2 and "field 'learning_rate' must be a finite number, got inf" in r.output
+
+
+def test_divergence_keeps_the_last_good_checkpoint_for_a_resume_with_a_new_recipe(tmp_path, protocol, monkeypatch):
+    import kps_bench.train.lora as lora
+
+    real, calls = lora.mse, []
+
+    def nan_from_step_3(*args, **kwargs):  # the loss blows up after the checkpoint of step 2
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(lora, "mse", nan_from_step_3)
+    out = tmp_path / "o"
+    with pytest.raises(UserError, match=r"Training diverged at step 3 of 4: .*The last good checkpoint \(step 2\) "
+                                        r"is kept in .*continue from it with --resume and the new --set"):
+        train("lora", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-2"])
+    assert not out.exists() and (partial_dir(out) / "diverged.json").is_file()
+    assert next(partial_dir(out).glob(f"checkpoints/step-00000002/{CHECKPOINT_FILE}"))
+    monkeypatch.setattr(lora, "mse", real)
+    res = train("lora", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-3"], resume=True)
+    assert res.training["resumed_from_step"] == 2 and res.training["recipe"]["learning_rate"] == 1e-3
+    assert res.training["recipe_changed_on_resume"]["at_step"] == 2
+    assert (out / LORA_FILE).is_file() and not partial_dir(out).exists()
+    assert [int(line.split(",")[0]) for line in (out / LOG_FILE).read_text().splitlines()[1:]] == [1, 2, 3, 4]
