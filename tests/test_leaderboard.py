@@ -96,7 +96,19 @@ def test_formats(runs):
     assert r"\textbf{" in tex
 
 
-def test_grid_and_plot_are_pngs_of_the_expected_size(runs, tmp_path):
+def _cell(run_dir, image_id):
+    """The image of ``image_id`` as the grid draws it: 96 x 96, nearest-neighbour upscaled."""
+    import numpy as np
+
+    row = next(json.loads(line) for line in (run_dir / "images.jsonl").read_text().splitlines()
+               if json.loads(line)["id"] == image_id)
+    with Image.open(run_dir / row["path"]) as im:
+        return np.asarray(im.convert("RGB").resize((96, 96), Image.NEAREST))
+
+
+def test_grid_and_plot_show_what_they_claim(runs, tmp_path):
+    import numpy as np
+
     loaded = [load_run(d) for d in dirs(runs)]
     g = grid(loaded, tmp_path / "grid.png", prompts=2, seeds=2)
     with Image.open(g) as im:
@@ -104,6 +116,54 @@ def test_grid_and_plot_are_pngs_of_the_expected_size(runs, tmp_path):
         # per subject: title + header + 3 rows (references, base, lora) of 96 px cells; 2 prompts x 2 seeds x 2 cells
         assert im.width == 150 + 8 * (96 + 4)
         assert im.height == 2 * (28 + 40 + 3 * (96 + 4)) + 2 * 4
-    p = plot(build_tables(loaded, resamples=50)[0], tmp_path / "plot.png")
+        sheet = np.asarray(im.convert("RGB"))
+
+    def at(row, col):  # the first section is subject blue-ball (sorted): rows references, base, lora
+        y, x = 28 + 40 + row * 100, 150 + col * 100
+        return sheet[y:y + 96, x:x + 96]
+
+    refs = [json.loads(line)["id"] for line in (runs / "base" / "images.jsonl").read_text().splitlines()
+            if json.loads(line)["role"] == "reference" and json.loads(line)["subject"] == "blue-ball"]
+    assert np.array_equal(at(0, 0), _cell(runs / "base", refs[0]))
+    assert np.array_equal(at(1, 0), _cell(runs / "base", "blue-ball:base:free:p0:k0"))
+    assert np.array_equal(at(1, 1), _cell(runs / "base", "blue-ball:adapter:trigger:p0:k0"))
+    lora = runs / "lora-blue-ball"
+    assert np.array_equal(at(2, 0), _cell(lora, "blue-ball:adapter:free:p0:k0"))
+    assert np.array_equal(at(2, 1), _cell(lora, "blue-ball:adapter:trigger:p0:k0"))
+    assert np.array_equal(at(2, 7), _cell(lora, "blue-ball:adapter:trigger:p1:k1"))
+    assert not np.array_equal(at(2, 0), at(1, 0))  # the LoRA's image is not the base's
+
+    table = build_tables(loaded, resamples=50)[0]
+    p = plot(table, tmp_path / "plot.png")
     with Image.open(p) as im:
         assert im.format == "PNG" and im.size == (900, 750)
+        before = np.asarray(im.convert("RGB"))
+    lora_row = next(r for r in table.rows if r["name"] == "lora")
+    for k in ("value", "ci_low", "ci_high"):
+        lora_row["identity"][k] -= 0.2  # the point must move
+    with Image.open(plot(table, tmp_path / "moved.png")) as im:
+        assert not np.array_equal(np.asarray(im.convert("RGB")), before)
+
+
+def test_a_run_with_no_scored_prompt_is_listed_unranked(runs, tmp_path):
+    """Every base image flagged: no prompt has a preservation pair, so the leaderboard cannot bootstrap it."""
+    import shutil
+
+    run = tmp_path / "no-prompts"
+    shutil.copytree(runs / "lora-red-block", run)
+    res = json.loads((run / "results.json").read_text())
+    lines = [json.loads(line) for line in (run / "images.jsonl").read_text().splitlines()]
+    for r in lines:
+        if r["role"] != "reference":
+            r["flags"] = ["black"]
+    (run / "images.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    res.pop("files")
+    res["provenance"]["label"] = "all-flagged"
+    for m in res["metrics"]["red-block"].values():
+        if isinstance(m, dict):
+            m.update(value=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
+    (run / "results.json").write_text(json.dumps(res))
+    (table,) = build_tables([load_run(run), load_run(runs / "lora-blue-ball")], resamples=50)
+    last = table.rows[-1]
+    assert last["name"] == "all-flagged" and last["rank"] is None
+    assert torch.tensor(last["kps"]["ci_low"]).isnan()

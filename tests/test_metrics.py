@@ -111,8 +111,24 @@ def test_compute_results_hand_values():
     assert m["vendi_base"]["value"] == pytest.approx(2.0)
     assert m["vendi_adapter"]["value"] == pytest.approx(1.0)
     assert res["overall"]["kps"]["value"] == pytest.approx(m["kps"]["value"])
-    for entry in (m["kps"], m["identity"], m["preservation"]):
-        assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+    for entry in (m["kps"], m["identity"], m["preservation"]):  # one prompt: the bootstrap interval is a point
+        assert entry["ci_low"] == pytest.approx(entry["value"]) == pytest.approx(entry["ci_high"])
+
+
+def test_confidence_interval_over_several_prompts_has_width_and_contains_the_value():
+    """Three prompts whose identity is 1, 0.5 and 0: the interval has width, inside [0, 1] and around the mean."""
+    recs = [ImageRecord(id="r", path="r.png", role="reference", subject="s")]
+    emb = {"clip/r": unit(1, 0, 0), "dino/r": unit(1, 0, 0)}
+    for p, direction in enumerate([(1, 0, 0), (0, 1, 0), (-1, 0, 0)]):  # clip cos 1, 0, -1
+        for role, trig in (("adapter", True), ("adapter", False), ("base", False)):
+            i = f"{role}-{trig}-{p}"
+            recs.append(ImageRecord(id=i, path=f"{i}.png", role=role, subject="s", prompt_without_trigger=f"p{p}",
+                                    has_trigger=trig, seed=p, prompt_index=p))
+            emb[f"clip/{i}"] = emb[f"dino/{i}"] = unit(*direction)
+        emb[f"clip_text/s/{p}"] = unit(0, 0, 1)
+    m = compute_results(recs, emb, ["identity"], resamples=2000, seed=0)["metrics"]["s"]["identity"]
+    assert m["value"] == pytest.approx(0.5) and m["n"] == 3
+    assert 0.0 <= m["ci_low"] < 0.5 - 0.1 and 0.5 + 0.1 < m["ci_high"] <= 1.0
 
 
 def test_flagged_images_are_left_out_and_counted():

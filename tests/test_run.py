@@ -95,6 +95,18 @@ def test_textual_inversion_adapter(tiny, tiny_protocol, tmp_path):
     assert res["provenance"]["adapter"]["kind"] == "textual-inversion"
     # trigger-free prompts never contain the new token: the adapter's free images are the base's
     assert res["metrics"]["red-block"]["preservation"]["value"] == 1.0
+    # ... but the trigger prompts are drawn with the learned embedding: not what the base draws for them
+    base = run_benchmark(load_protocol(str(tiny_protocol), ["prompts=['a {subject}']"]),
+                         RunOptions(out=tmp_path / "base", adapter=str(tiny / "pipeline"), adapter_kind="pipeline",
+                                    subjects=("red-block",), device="cpu"))
+    assert base["metrics"]["red-block"]["preservation"]["value"] == 1.0
+
+    def trigger_images(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "images.jsonl").read_text().splitlines()]
+        return {r["seed"]: (run_dir / r["path"]).read_bytes() for r in rows if r["has_trigger"]}
+
+    ti, plain = trigger_images(tmp_path), trigger_images(tmp_path / "base")
+    assert ti.keys() == plain.keys() and len(ti) == 2 and all(ti[s] != plain[s] for s in ti)
 
 
 def test_score_existing_images_matches_run(lora_run, tiny_protocol, tmp_path):
