@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo clean
+.PHONY: install test test-all demo clean
 
 $(BIN)/kps-bench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(BIN)/kps-bench: pyproject.toml
 install: $(BIN)/kps-bench
 
 test: install
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: install
 	$(BIN)/python -m pytest
 
 demo: install
