@@ -317,7 +317,8 @@ def test_truth_of_a_run_without_adapter(tmp_path):
                      "prompt": "a sks circle", "prompt_without_trigger": "a circle", "has_trigger": True,
                      "seed": i, "prompt_index": 0})
     (tmp_path / "images.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "results.json").write_text(json.dumps({"metrics": {}, "overall": {}, "provenance": {}}))
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {}, "overall": {},
+                                                       "provenance": {"base_model": {"spec": "builtin:shapes-world"}}}))
     gt = truth(tmp_path)
     s = gt["subjects"]["purple-circle"]
     assert s["true_knowledge_shift"] == 0.0
