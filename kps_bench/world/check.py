@@ -28,6 +28,7 @@ LEAK_SEED = 7
 STEPS, GUIDANCE, BATCH = 25, 7.5, 32
 DINO_SLOT_GATES = {"colour": 0.90, "pattern": 0.85, "background": 0.90, "size": 0.70}  # shape: reported only
 CEILING_SIGNATURE, CEILING_IDENTITY_GAP = 0.95, 0.12
+COLOUR_SHIFT = 0.15  # fraction of the way to another colour, for the probe's shifted-colour gate
 ADAPTER_SIGNATURE, ADAPTER_SHAPE = 0.80, 0.80
 LEAK_STEPS_FACTOR, LEAK_IMAGES, LEAK_MIN_DIFFERENCE = 3, 64, 0.10
 
@@ -113,6 +114,8 @@ def check(world: str | os.PathLike | None = None, n: int = 200, json_path=None, 
                    ("background", 0.98)]:
         acc = np.mean([HEADS[k].index(p[k]) == y for p, y in zip(pr, truth_labels[k])])
         gates.add(f"probe {k.replace('_', ' ')} accuracy (held-out renders)", acc, thr)
+    gates.add(f"probe colour accuracy, fill moved {COLOUR_SHIFT:.0%} towards another colour (held-out renders)",
+              shifted_colour_accuracy(world, n), 0.95)
 
     # CLIP zero-shot on held-out renders of the base distribution
     himgs, hfs, _ = sample_dataset(n, HELDOUT_SEED, with_captions=False)
@@ -241,6 +244,30 @@ def identity_ceilings(clip, vae, world: Path, n: int) -> dict:
                        "signature_renders": signature(renders), "signature_vae_reconstructions": signature(recon),
                        "n": n}
     return out
+
+
+def shifted_colour_accuracy(world: Path, n: int) -> float:
+    """Probe colour accuracy on held-out renders of the base palette whose fill RGB is moved ``COLOUR_SHIFT``
+    of the way towards another colour the probe knows (random per image, among those for which the moved
+    colour is still nearest to its own): generated colours drift, and the probe must read the nearest one."""
+    from .probe import predict
+    from .render import RGB, render, sample_factors
+
+    rgb = {c: np.array(RGB[c], float) for c in COLOURS}
+
+    def moved(c: str, o: str) -> np.ndarray:
+        return rgb[c] * (1 - COLOUR_SHIFT) + rgb[o] * COLOUR_SHIFT
+
+    def nearest(x: np.ndarray) -> str:
+        return min(COLOURS, key=lambda k: np.linalg.norm(rgb[k] - x))
+
+    g = np.random.default_rng(HELDOUT_SEED + 200)
+    fs, imgs = [sample_factors(g) for _ in range(n)], []
+    for f in fs:
+        towards = [o for o in COLOURS if o != f.colour and nearest(moved(f.colour, o)) == f.colour]
+        imgs.append(render(f, tuple(moved(f.colour, towards[g.integers(len(towards))]))))
+    pred = predict(np.stack(imgs), world / "probe")
+    return float(np.mean([p["colour"] == f.colour for p, f in zip(pred, fs)]))
 
 
 def world_protocol(world: Path, protocol: str = "shapes-world"):

@@ -143,8 +143,8 @@ def _grid():
     return _GRID_CACHE["g"]
 
 
-def render(f: Factors) -> np.ndarray:
-    """Render one image as a uint8 array of shape (32, 32, 3)."""
+def render(f: Factors, fill_rgb: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Render one image as a uint8 array of shape (32, 32, 3); ``fill_rgb`` replaces the fill colour's RGB."""
     X, Y = _grid()
     dx, dy = X - f.cx, Y - f.cy
     th = np.deg2rad(f.rotation)
@@ -156,7 +156,7 @@ def render(f: Factors) -> np.ndarray:
     pat = pattern_mask(f.pattern, px, py) & inside
     img = np.empty(X.shape + (3,), dtype=np.float32)
     img[:] = RGB[f.background]
-    img[inside] = RGB[f.colour]
+    img[inside] = RGB[f.colour] if fill_rgb is None else fill_rgb
     img[pat] = RGB[f.pattern_colour]
     if f.centre_dot:
         dot = (px * px + py * py <= (0.28 * r) ** 2) & inside

@@ -17,6 +17,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_LEN = 24  # tokens (tokenizer model_max_length == text encoder max_position_embeddings)
 LATENT_CH = 4
+PROBE_COLOUR_SHIFT = 0.12  # probe colour augmentation: up to ~31 RGB units per channel (palette colours are >= 82 apart)
 
 
 def _progress():
@@ -175,6 +176,17 @@ def _blur_noise(x, g: np.random.Generator):
     return (xs + noise).clamp(0, 1)
 
 
+def _colour_shift(x, g: np.random.Generator, max_shift: float = PROBE_COLOUR_SHIFT):
+    """Shift each image's RGB channels by uniform offsets in [-max_shift, max_shift] (x in [0, 1]).
+
+    Generated images drift a few tens of RGB units from the palette; without this the probe puts the
+    boundary between neighbouring colours (purple, magenta) almost at the palette colour itself."""
+    import torch
+
+    shift = torch.from_numpy(g.uniform(-max_shift, max_shift, (x.shape[0], 3, 1, 1)).astype(np.float32))
+    return (x + shift).clamp_(0.0, 1.0)
+
+
 def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, recon: np.ndarray | None = None,
                 batch: int = 128, lr: float = 2e-3):
     import torch
@@ -200,6 +212,8 @@ def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, re
                 x = _to_float(images[idx])
             if g.random() < 0.5:
                 x = _blur_noise(x, g)
+            if g.random() < 0.5:
+                x = _colour_shift(x, g)
             with _bf16():
                 out = m(x)
             loss = sum(F.cross_entropy(out[k].float(), labels[k][idx]) for k in out)
