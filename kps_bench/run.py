@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import KPS_VERSION, __version__
+from .cache import ImageCache
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError
 from .evaluate import compute_results
@@ -38,6 +39,8 @@ class RunOptions:
     allow_unsafe_pickle: bool = False
     label: str | None = None
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    #: The shared image cache (None: ``$KPS_BENCH_CACHE``, else ``~/.cache/kps-bench``).
+    cache_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------- references
@@ -235,6 +238,7 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
     subjects = select_subjects(protocol, opts.subjects, adapter)
     device = resolve_device(opts.device)
+    cache = ImageCache.open(opts.cache_dir)
     check_reference_folders(protocol, subjects)
     for s in subjects:
         reference_images(protocol, s)
@@ -263,11 +267,14 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
     jobs = plan_jobs(protocol, subjects, base.identity, adapter_id, device.split(":")[0])
     image_dir = out / "images"
-    made = {}
+    made, taken = {}, {}
     with timings("generate_base"):
         base_jobs = [j for j in jobs if j.role == "base" or adapter.kind == "none"]
-        with progress("generate base", len({j.key for j in base_jobs})) as advance:
+        taken["base"] = cache.take(base_jobs, image_dir)
+        todo = {j.key for j in base_jobs if not (image_dir / j.filename).is_file()}
+        with progress("generate base", len(todo)) as advance:
             made["base"] = generate(base.pipe, base_jobs, g, image_dir, batch, advance)
+        cache.keep(base_jobs, image_dir)
     if adapter.kind != "none":
         adapter_jobs = [j for j in jobs if j.role == "adapter"]
         todo = [j for j in adapter_jobs if not is_cached(image_dir / j.filename)]
@@ -276,7 +283,7 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
                 pipe = apply_adapter(base, adapter, triggers, device, g.dtype, g.scheduler, opts.allow_unsafe_pickle)
             with timings("generate_adapter"), progress("generate adapter", len({j.key for j in todo})) as advance:
                 made["adapter"] = generate(pipe, adapter_jobs, g, image_dir, batch, advance)
-    provenance["images_made"] = made
+    provenance.update(images_made=made, images_from_cache=taken, image_cache=str(cache.root))
     records = refs + job_records(jobs, image_dir, out)
     return embed_and_score(records, out, protocol, encoders, timings, provenance)
 
