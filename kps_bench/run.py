@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,9 +13,10 @@ from pathlib import Path
 from . import KPS_VERSION, __version__
 from .cache import ImageCache
 from .encoders import ClipEncoder, DinoEncoder, embed_images
-from .errors import UserError
+from .errors import UserError, stop_when_disk_full
 from .evaluate import compute_results
 from .generate import check_plan_size, generate, is_cached, job_records, oom_guard, plan_jobs
+from .lock import RUN_LOCK, exclusive
 from .models import AdapterInfo, apply_adapter, check_adapter_fits, load_pipeline, resolve_adapter, resolve_device
 from .protocol import Protocol, Subject
 from .provenance import Timings, device_info, git_commit, now_iso, package_versions
@@ -230,11 +232,24 @@ def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: Adapter
     return list(protocol.evaluation_subjects)
 
 
+@contextlib.contextmanager
+def writing_run_folder(out: Path, command: str):
+    """Check that ``out`` can be written, then hold its lock (one writer at a time; stale temporaries are removed
+    only under it) and stop with a clear error when its disk fills up."""
+    check_writable(out)
+    with stop_when_disk_full(out, f"re-run the same `{command}`"), exclusive(out / RUN_LOCK, f"run folder '{out}'"):
+        yield
+
+
 def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     """Generate base and adapter images for every subject and prompt, then score them into ``opts.out``."""
+    with writing_run_folder(Path(opts.out), "kps-bench run"):
+        return _run_benchmark(protocol, opts)
+
+
+def _run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     timings = Timings()
     out = Path(opts.out)
-    check_writable(out)
     adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
     subjects = select_subjects(protocol, opts.subjects, adapter)
     device = resolve_device(opts.device)
@@ -292,8 +307,13 @@ def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = 
                    allow_unsafe_pickle: bool = False, allow_outside_paths: bool = False) -> dict:
     """Score images made elsewhere: references come from the manifest, or from the protocol's subjects. Image paths
     must stay inside the manifest's folder unless ``allow_outside_paths``; ``label`` names the method."""
+    with writing_run_folder(Path(out), "kps-bench score"):
+        return _score_manifest(protocol, manifest, Path(out), device, label, allow_unsafe_pickle, allow_outside_paths)
+
+
+def _score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str, label: str | None,
+                    allow_unsafe_pickle: bool, allow_outside_paths: bool) -> dict:
     timings = Timings()
-    check_writable(out)
     device = resolve_device(device)
     records = read_manifest(manifest)
     if not any(r.role != "reference" for r in records):
