@@ -69,6 +69,8 @@ def _protocol(name, sets):
 
 
 SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set subjects.0.trigger=zwx (repeatable)."
+CACHE_HELP = ("Image cache shared by runs, so base images are made once for every method (default: $KPS_BENCH_CACHE, "
+              "else ~/.cache/kps-bench). Run folders get hard links (or copies) of its images.")
 
 
 @main.command()
@@ -92,8 +94,9 @@ SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set s
 @click.option("--allow-unsafe-pickle", is_flag=True, help="Allow loading pickle checkpoints (.bin/.pt/.ckpt). "
               "Only for files you trust: pickle can run code.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
 def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype, batch_size, label,
-        allow_unsafe_pickle, sets):
+        allow_unsafe_pickle, sets, cache_dir):
     """Generate base and adapter images for a protocol and score them."""
     from .run import RunOptions, run_benchmark
 
@@ -101,7 +104,8 @@ def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype
     protocol = _protocol(protocol_name, sets)
     results = run_benchmark(protocol, RunOptions(
         out=Path(out), adapter=adapter, adapter_kind=adapter_kind, subjects=tuple(subjects), device=device,
-        batch_size=batch_size, allow_unsafe_pickle=allow_unsafe_pickle, label=label, overrides=tuple(sets)))
+        batch_size=batch_size, allow_unsafe_pickle=allow_unsafe_pickle, label=label, overrides=tuple(sets),
+        cache_dir=Path(cache_dir) if cache_dir else None))
     _print_summary(results, out)
 
 
@@ -269,12 +273,14 @@ def tiny_models(out, force):
 @click.option("--train-set", "train_sets", multiple=True, metavar="KEY=VALUE",
               help="Recipe override applied to every method, e.g. --train-set steps=20 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-def demo(out, protocol_name, methods, subjects, sets, train_sets, device):
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir):
     """Train CAT, LoRA, DreamBooth and textual inversion on the shapes world, evaluate, and write the leaderboard."""
     from .demo import DemoOptions, run_demo
 
     opts = DemoOptions(out=Path(out), protocol=protocol_name, subjects=tuple(subjects), protocol_overrides=tuple(sets),
-                       train_overrides=tuple(train_sets), device=device)
+                       train_overrides=tuple(train_sets), device=device,
+                       cache_dir=Path(cache_dir) if cache_dir else None)
     if methods:
         opts.methods = tuple(methods)
     result = run_demo(opts)

@@ -27,6 +27,8 @@ class DemoOptions:
     protocol_overrides: tuple[str, ...] = ()
     train_overrides: tuple[str, ...] = ()
     device: str = "auto"
+    #: The shared image cache (None: the default, see :func:`kps_bench.cache.default_cache_dir`).
+    cache_dir: Path | None = None
     reference: str = "lora"
     resamples: int = 1000
 
@@ -68,7 +70,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     if not _finished_run(base_dir, protocol, None):
         console.rule("base model (no adapter)")
         run_benchmark(protocol, RunOptions(out=base_dir, adapter_kind="none", subjects=tuple(subjects),
-                                           device=opts.device, label="base"))
+                                           device=opts.device, label="base", cache_dir=opts.cache_dir))
     run_dirs.append(base_dir)
 
     for method in opts.methods:
@@ -83,7 +85,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             if not _finished_run(run_dir, protocol, files):
                 console.rule(f"evaluate {method} for {subject}")
                 run_benchmark(protocol, RunOptions(out=run_dir, adapter=str(adapter_dir), subjects=(subject,),
-                                                   device=opts.device))
+                                                   device=opts.device, cache_dir=opts.cache_dir))
             run_dirs.append(run_dir)
 
     runs = [load_run(d) for d in run_dirs]

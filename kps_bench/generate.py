@@ -198,20 +198,31 @@ def sample(pipe, prompts: list[str], seeds: list[int], gen: Generation, batch_si
 
 
 def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
-    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made."""
+    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made.
+
+    A writer thread saves each batch's PNGs while the next batch is generated, so the device does not wait on the
+    disk; a batch's writes finish before the next batch is queued (at most one batch waits in memory, and a write
+    error stops the generation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     pending, seen = [], set()
     for j in jobs:
         if j.key not in seen and not is_cached(image_dir / j.filename):
             seen.add(j.key)
             pending.append(j)
-    made = 0
-    for start, out in sample(pipe, [j.prompt for j in pending], [j.seed for j in pending], gen, batch_size):
-        for j, pixels in zip(pending[start : start + len(out)], out):
-            save_png(pixels, image_dir / j.filename, image_flags(pixels),
-                     {"prompt": j.prompt, "seed": j.seed})
-            made += 1
-        if progress is not None:
-            progress(len(out))
+    made, writes = 0, []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kps-bench-png") as writer:
+        for start, out in sample(pipe, [j.prompt for j in pending], [j.seed for j in pending], gen, batch_size):
+            for w in writes:
+                w.result()
+            writes = [writer.submit(save_png, pixels, image_dir / j.filename, image_flags(pixels),
+                                    {"prompt": j.prompt, "seed": j.seed})
+                      for j, pixels in zip(pending[start : start + len(out)], out)]
+            made += len(out)
+            if progress is not None:
+                progress(len(out))
+        for w in writes:
+            w.result()
     return made
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import KPS_VERSION, __version__
+from .cache import ImageCache
 from .encoders import ClipEncoder, DinoEncoder, embed_images
-from .errors import UserError
+from .errors import UserError, stop_when_disk_full
 from .evaluate import compute_results
 from .generate import check_plan_size, generate, is_cached, job_records, oom_guard, plan_jobs
+from .lock import RUN_LOCK, exclusive
 from .models import AdapterInfo, apply_adapter, check_adapter_fits, load_pipeline, resolve_adapter, resolve_device
 from .protocol import Protocol, Subject
 from .provenance import Timings, device_info, git_commit, now_iso, package_versions
@@ -38,6 +41,8 @@ class RunOptions:
     allow_unsafe_pickle: bool = False
     label: str | None = None
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    #: The shared image cache (None: ``$KPS_BENCH_CACHE``, else ``~/.cache/kps-bench``).
+    cache_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------- references
@@ -227,14 +232,28 @@ def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: Adapter
     return list(protocol.evaluation_subjects)
 
 
+@contextlib.contextmanager
+def writing_run_folder(out: Path, command: str):
+    """Check that ``out`` can be written, then hold its lock (one writer at a time; stale temporaries are removed
+    only under it) and stop with a clear error when its disk fills up."""
+    check_writable(out)
+    with stop_when_disk_full(out, f"re-run the same `{command}`"), exclusive(out / RUN_LOCK, f"run folder '{out}'"):
+        yield
+
+
 def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     """Generate base and adapter images for every subject and prompt, then score them into ``opts.out``."""
+    with writing_run_folder(Path(opts.out), "kps-bench run"):
+        return _run_benchmark(protocol, opts)
+
+
+def _run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     timings = Timings()
     out = Path(opts.out)
-    check_writable(out)
     adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
     subjects = select_subjects(protocol, opts.subjects, adapter)
     device = resolve_device(opts.device)
+    cache = ImageCache.open(opts.cache_dir)
     check_reference_folders(protocol, subjects)
     for s in subjects:
         reference_images(protocol, s)
@@ -263,11 +282,14 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
     jobs = plan_jobs(protocol, subjects, base.identity, adapter_id, device.split(":")[0])
     image_dir = out / "images"
-    made = {}
+    made, taken = {}, {}
     with timings("generate_base"):
         base_jobs = [j for j in jobs if j.role == "base" or adapter.kind == "none"]
-        with progress("generate base", len({j.key for j in base_jobs})) as advance:
+        taken["base"] = cache.take(base_jobs, image_dir)
+        todo = {j.key for j in base_jobs if not (image_dir / j.filename).is_file()}
+        with progress("generate base", len(todo)) as advance:
             made["base"] = generate(base.pipe, base_jobs, g, image_dir, batch, advance)
+        cache.keep(base_jobs, image_dir)
     if adapter.kind != "none":
         adapter_jobs = [j for j in jobs if j.role == "adapter"]
         todo = [j for j in adapter_jobs if not is_cached(image_dir / j.filename)]
@@ -276,7 +298,7 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
                 pipe = apply_adapter(base, adapter, triggers, device, g.dtype, g.scheduler, opts.allow_unsafe_pickle)
             with timings("generate_adapter"), progress("generate adapter", len({j.key for j in todo})) as advance:
                 made["adapter"] = generate(pipe, adapter_jobs, g, image_dir, batch, advance)
-    provenance["images_made"] = made
+    provenance.update(images_made=made, images_from_cache=taken, image_cache=str(cache.root))
     records = refs + job_records(jobs, image_dir, out)
     return embed_and_score(records, out, protocol, encoders, timings, provenance)
 
@@ -285,8 +307,13 @@ def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = 
                    allow_unsafe_pickle: bool = False, allow_outside_paths: bool = False) -> dict:
     """Score images made elsewhere: references come from the manifest, or from the protocol's subjects. Image paths
     must stay inside the manifest's folder unless ``allow_outside_paths``; ``label`` names the method."""
+    with writing_run_folder(Path(out), "kps-bench score"):
+        return _score_manifest(protocol, manifest, Path(out), device, label, allow_unsafe_pickle, allow_outside_paths)
+
+
+def _score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str, label: str | None,
+                    allow_unsafe_pickle: bool, allow_outside_paths: bool) -> dict:
     timings = Timings()
-    check_writable(out)
     device = resolve_device(device)
     records = read_manifest(manifest)
     if not any(r.role != "reference" for r in records):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kps_bench.generate import generate, image_flags, plan_jobs, read_flags
+from kps_bench.generate import generate, image_flags, plan_jobs, read_flags, sample, save_png
 from kps_bench.models import load_pipeline
 from kps_bench.protocol import load_protocol
 from kps_bench.rundir import atomic_path
@@ -53,6 +53,26 @@ def test_same_seed_same_image_whatever_the_batch_size(setup, tmp_path):
         assert np.abs(a - b).max() <= 1  # within 1/255 per pixel
     # and different seeds give different images
     assert np.abs(pixels(tmp_path / "bs1" / jobs[0].filename) - pixels(tmp_path / "bs1" / jobs[1].filename)).max() > 0
+
+
+def test_png_writes_overlap_generation_and_give_the_same_bytes(setup, tmp_path):
+    protocol, pipe, jobs = setup
+    g = protocol.generation
+    assert generate(pipe, jobs, g, tmp_path / "threaded", 4) == len(jobs) == 6
+    # the same batches, each PNG written on this thread right after its batch
+    for start, out in sample(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], g, 4):
+        for j, px in zip(jobs[start:], out):
+            save_png(px, tmp_path / "direct" / j.filename, image_flags(px), {"prompt": j.prompt, "seed": j.seed})
+    for j in jobs:
+        assert (tmp_path / "threaded" / j.filename).read_bytes() == (tmp_path / "direct" / j.filename).read_bytes()
+
+
+def test_a_failed_png_write_stops_the_generation(setup, tmp_path):
+    protocol, pipe, jobs = setup
+    (tmp_path / jobs[1].filename).mkdir()  # a folder where the PNG should go: the writer thread's rename fails
+    with pytest.raises(IsADirectoryError):
+        generate(pipe, jobs, protocol.generation, tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([jobs[0].filename, jobs[1].filename])
 
 
 class Interrupt(Exception):

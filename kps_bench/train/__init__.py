@@ -15,9 +15,19 @@ __all__ = ["METHODS", "Recipe", "TrainResult", "TrainingInterrupted", "load_reci
 
 def train(method: str, protocol, subject: str, out: str | Path, device: str = "auto", overrides=(),
           resume: bool = False, stop_after: int | None = None) -> TrainResult:
-    """Train ``method`` for ``subject``; every input is validated before anything is written."""
+    """Train ``method`` for ``subject`` holding the lock of ``out`` (one trainer per output); every input is validated
+    before anything is written."""
     import importlib
 
-    trainer = make_trainer(method, protocol, subject, out, device, overrides, resume, stop_after)
-    module = importlib.import_module(f".{method.replace('-', '_')}", __name__)
-    return module.train(trainer)
+    from ..errors import stop_when_disk_full
+    from ..lock import exclusive, lock_beside
+    from ..rundir import check_writable
+    from .core import partial_dir
+
+    out = Path(out).expanduser()
+    check_writable(out)
+    with (stop_when_disk_full(partial_dir(out), "re-run the same `kps-bench train-baseline` command with --resume"),
+          exclusive(lock_beside(out), f"adapter output '{out}'")):
+        trainer = make_trainer(method, protocol, subject, out, device, overrides, resume, stop_after)
+        module = importlib.import_module(f".{method.replace('-', '_')}", __name__)
+        return module.train(trainer)

@@ -617,7 +617,8 @@ class Trainer:
         tmp = self.checkpoint_dir / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(state, tmp / CHECKPOINT_FILE)
+        with open(tmp / CHECKPOINT_FILE, "wb") as f:  # a file object: a full disk's OSError stays in the chain
+            torch.save(state, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(self.checkpoint_dir.glob("step-*"))[:-1]:  # keep the latest only
@@ -763,8 +764,8 @@ def partial_dir(out: Path) -> Path:
 
 def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device: str = "auto", overrides=(),
                  resume: bool = False, stop_after: int | None = None) -> Trainer:
-    """Validate every input (method, subject, references, recipe, output folder) before anything is written."""
-    from ..rundir import check_writable
+    """Validate every input (method, subject, references, recipe, output folder) before anything is written; the
+    caller has checked that ``out`` can be written and holds its lock."""
     from ..run import reference_images
 
     if method not in METHODS:
@@ -773,7 +774,6 @@ def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device
     reference_images(protocol, subject)
     recipe, sources = load_recipe(method, protocol, overrides)
     out = Path(out).expanduser()
-    check_writable(out)
     work = partial_dir(out)
     if out.exists():
         raise UserError(f"--out '{out}' already exists; kps-bench does not overwrite a trained adapter. Choose another "

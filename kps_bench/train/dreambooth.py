@@ -11,17 +11,16 @@ pipeline folder (``kps-bench run --adapter OUT`` detects it).
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
+from ..cache import default_cache_dir
 from ..errors import UserError
 from .core import LOG_FILE, Trainer, load_reference_pixels, to_device, work_folder
 from .lora import mse
 
 
 def class_image_dir() -> Path:
-    root = os.environ.get("KPS_BENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kps-bench")
-    return Path(root) / "class-images"
+    return default_cache_dir() / "class-images"
 
 
 def class_images(trainer: Trainer) -> tuple[list[Path], list[int]]:

@@ -1,0 +1,81 @@
+"""The image cache shared by every run: base images are made once per protocol setting, whatever the method.
+
+An entry is a PNG named by its content address (:func:`kps_bench.generate.cache_key`: base model and its revision or
+weights hash, scheduler, steps, guidance, resolution, dtype, negative prompt, prompt, seed, device type), under
+``$KPS_BENCH_CACHE`` (default ``~/.cache/kps-bench``) or ``--cache-dir``. Run folders stay self-contained: an entry is
+hard-linked into the run's ``images/`` (copied when the two are on different file systems). Every write goes to a
+temporary name and is renamed into place, so two processes writing one entry leave one intact file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .generate import Job, is_cached
+from .rundir import check_writable
+
+ENV = "KPS_BENCH_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$KPS_BENCH_CACHE``, else ``~/.cache/kps-bench``."""
+    return Path(os.environ.get(ENV) or Path.home() / ".cache" / "kps-bench").expanduser()
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Put ``src``'s bytes at ``dest`` atomically: a hard link when the file system allows it, else a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """A folder of content-addressed images shared across runs."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: Path | None = None) -> ImageCache:
+        """The cache at ``root`` (default: :func:`default_cache_dir`), checked writable before any work starts."""
+        root = Path(root).expanduser() if root is not None else default_cache_dir()
+        check_writable(root, f"--cache-dir (or ${ENV})")
+        return cls(root)
+
+    def entry(self, key: str) -> Path:
+        return self.root / "images" / key[:2] / f"{key}.png"
+
+    def take(self, jobs: list[Job], image_dir: Path) -> int:
+        """Link the cached images of ``jobs`` that ``image_dir`` lacks into it; returns how many were taken."""
+        taken = 0
+        for key, name in distinct(jobs).items():
+            if not (image_dir / name).is_file() and is_cached(self.entry(key)):
+                link_or_copy(self.entry(key), image_dir / name)
+                taken += 1
+        return taken
+
+    def keep(self, jobs: list[Job], image_dir: Path) -> int:
+        """Add the images of ``jobs`` in ``image_dir`` that the cache lacks (or holds corrupt: a run folder's image
+        edited in place also edits its hard-linked entry) to it; returns how many were added."""
+        kept = 0
+        for key, name in distinct(jobs).items():
+            if (image_dir / name).is_file() and not is_cached(self.entry(key)):
+                link_or_copy(image_dir / name, self.entry(key))
+                kept += 1
+        return kept
+
+
+def distinct(jobs: list[Job]) -> dict[str, str]:
+    """Key -> file name of each distinct image of ``jobs``."""
+    return {j.key: j.filename for j in jobs}
