@@ -46,8 +46,9 @@ class Job:
         return f"{self.subject}:{self.role}:{kind}:p{self.prompt_index}:k{self.image_index}"
 
 
-def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Generation, device_type: str) -> str:
-    """Content address of one image: everything that determines its pixels."""
+def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Generation, device_type: str,
+              speed: tuple[str, ...] = ()) -> str:
+    """Content address of one image: everything that determines its pixels (``speed``: the speed flags in use)."""
     material = {
         "model": {k: model.get(k) for k in ("sha256", "hub_id", "revision")},
         "adapter": adapter,
@@ -60,6 +61,7 @@ def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Ge
         "resolution": gen.resolution,
         "dtype": gen.dtype,
         "device": device_type,
+        **({"speed": sorted(speed)} if speed else {}),
     }
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:32]
 
@@ -92,7 +94,7 @@ def check_plan_size(protocol: Protocol, subjects: list[Subject], with_adapter: b
 
 
 def plan_jobs(protocol: Protocol, subjects: list[Subject], model: dict, adapter: dict | None,
-              device_type: str) -> list[Job]:
+              device_type: str, speed: tuple[str, ...] = ()) -> list[Job]:
     """Base images on trigger-free prompts, and adapter images on trigger-free and trigger prompts, seed-paired."""
     g = protocol.generation
     jobs = []
@@ -107,7 +109,7 @@ def plan_jobs(protocol: Protocol, subjects: list[Subject], model: dict, adapter:
                     ("adapter", free, False, adapter),
                     ("adapter", trig, True, adapter),
                 ):
-                    key = cache_key(model, adapter_id, prompt, seed, g, device_type)
+                    key = cache_key(model, adapter_id, prompt, seed, g, device_type, speed)
                     jobs.append(Job(key, role, s.name, prompt, free, has_trigger, seed, p, k))
     return jobs
 
@@ -124,18 +126,24 @@ def image_flags(pixels) -> list[str]:
     return flags
 
 
+def to_image(pixels):
+    """``[H, W, 3]`` floats in [0, 1] (NaN as 0) quantised to an 8-bit RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.nan_to_num(pixels, nan=0.0).clip(0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
 def save_png(pixels, path: Path, flags: list[str], info: dict) -> None:
     """Quantise ``[H, W, 3]`` floats in [0, 1] to 8-bit and write atomically, flags in the PNG text chunk."""
-    import numpy as np
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
-    arr = (np.nan_to_num(pixels, nan=0.0).clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
     meta = PngImagePlugin.PngInfo()
     meta.add_text(FLAG_KEY, ",".join(flags))
     for k, v in info.items():
         meta.add_text(k, str(v))
     with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta)
+        to_image(pixels).save(tmp, format="PNG", pnginfo=meta)
 
 
 def is_cached(path: Path) -> bool:
