@@ -4,7 +4,9 @@ An entry is a PNG named by its content address (:func:`kps_bench.generate.cache_
 weights hash, scheduler, steps, guidance, resolution, dtype, negative prompt, prompt, seed, device type), under
 ``$KPS_BENCH_CACHE`` (default ``~/.cache/kps-bench``) or ``--cache-dir``. Run folders stay self-contained: an entry is
 hard-linked into the run's ``images/`` (copied when the two are on different file systems). Every write goes to a
-temporary name and is renamed into place, so two processes writing one entry leave one intact file.
+temporary name and is renamed into place, so two processes writing one entry leave one intact file; a temporary that
+a killed writer left is removed by a later run once it is an hour old (the cache has no lock, and a live writer's
+temporary lives for a moment).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .generate import Job, is_cached
-from .rundir import check_writable
+from .rundir import check_writable, remove_stale_temporaries
 
 ENV = "KPS_BENCH_CACHE"
+#: A cache temporary older than this (seconds since it was created or linked) was left by a killed writer.
+STALE_TEMPORARY_S = 3600
 
 
 def default_cache_dir() -> Path:
@@ -52,6 +56,11 @@ class ImageCache:
         root = Path(root).expanduser() if root is not None else default_cache_dir()
         check_writable(root, f"--cache-dir (or ${ENV})")
         return cls(root)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete the temporaries that killed writers left anywhere in the cache over :data:`STALE_TEMPORARY_S`
+        ago; returns how many."""
+        return sum(remove_stale_temporaries(d, STALE_TEMPORARY_S) for d in self.root.glob("**/"))
 
     def entry(self, key: str) -> Path:
         return self.root / "images" / key[:2] / f"{key}.png"

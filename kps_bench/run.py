@@ -317,6 +317,9 @@ def _run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     for folder in (out, out / "images"):
         if n := remove_stale_temporaries(folder):
             console.print(f"removed {n} temporary file(s) that an interrupted run left in '{folder}'")
+    if n := setup.cache.remove_stale_temporaries():
+        console.print(f"removed {n} temporary file(s) that interrupted writers left in the image cache "
+                      f"'{setup.cache.root}' over an hour ago")
     refs = [r for s in setup.subjects for r in reference_records(protocol, s, out)]
     image_dir, batch, cache = out / "images", setup.batch_size, setup.cache
     made, taken = {}, {}
