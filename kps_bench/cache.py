@@ -16,6 +16,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from .generate import Job, is_cached
 from .rundir import check_writable, remove_stale_temporaries
@@ -65,26 +66,21 @@ class ImageCache:
     def entry(self, key: str) -> Path:
         return self.root / "images" / key[:2] / f"{key}.png"
 
-    def take(self, jobs: list[Job], image_dir: Path) -> int:
+    def take(self, jobs: Iterable[Job], image_dir: Path) -> int:
         """Link the cached images of ``jobs`` that ``image_dir`` lacks into it; returns how many were taken."""
         taken = 0
-        for key, name in distinct(jobs).items():
-            if not (image_dir / name).is_file() and is_cached(self.entry(key)):
-                link_or_copy(self.entry(key), image_dir / name)
+        for j in jobs:
+            if not (image_dir / j.filename).is_file() and is_cached(self.entry(j.key)):
+                link_or_copy(self.entry(j.key), image_dir / j.filename)
                 taken += 1
         return taken
 
-    def keep(self, jobs: list[Job], image_dir: Path) -> int:
+    def keep(self, jobs: Iterable[Job], image_dir: Path) -> int:
         """Add the images of ``jobs`` in ``image_dir`` that the cache lacks (or holds corrupt: a run folder's image
         edited in place also edits its hard-linked entry) to it; returns how many were added."""
         kept = 0
-        for key, name in distinct(jobs).items():
-            if (image_dir / name).is_file() and not is_cached(self.entry(key)):
-                link_or_copy(image_dir / name, self.entry(key))
+        for j in jobs:
+            if (image_dir / j.filename).is_file() and not is_cached(self.entry(j.key)):
+                link_or_copy(image_dir / j.filename, self.entry(j.key))
                 kept += 1
         return kept
-
-
-def distinct(jobs: list[Job]) -> dict[str, str]:
-    """Key -> file name of each distinct image of ``jobs``."""
-    return {j.key: j.filename for j in jobs}

@@ -68,17 +68,20 @@ def plan_run(protocol: Protocol, opts: RunOptions) -> RunPlan:
     """The plan of ``kps-bench run`` with ``opts``, from its checked inputs and a short calibration."""
     setup = prepare(protocol, opts, Timings())
     image_dir = Path(opts.out) / "images"
-    made = {j.key for j in setup.jobs if (image_dir / j.filename).is_file()}
-    cached = {j.key for j in setup.base_jobs if setup.cache.entry(j.key).is_file()}
-    roles = {"base": {j.key for j in setup.base_jobs}, "adapter": {j.key for j in setup.adapter_jobs}}
-    new = {role: len(keys - made - cached) for role, keys in roles.items() if keys}
-    reused = {role: len(keys) - new[role] for role, keys in roles.items() if keys}
+    new, reused = {}, {}
+    for role, jobs in (("base", setup.base_jobs(distinct=True)), ("adapter", setup.adapter_jobs(distinct=True))):
+        total = made = 0  # counted as the plan goes: a plan of any size takes little memory
+        for j in jobs:
+            total += 1
+            made += (image_dir / j.filename).is_file() or (role == "base" and setup.cache.entry(j.key).is_file())
+        if total:
+            new[role], reused[role] = total - made, made
     references = sum(len(reference_images(protocol, s)) for s in setup.subjects)
-    images = len({j.key for j in setup.jobs}) + references
+    images = sum(1 for _ in setup.plan.distinct()) + references
     encoders = [(name, e) for name, e in zip(("clip", "dino"), setup.encoders) if e is not None]
     batch = max(1, min(setup.batch_size, max(new.values())))
     return RunPlan(new, reused, {name: images for name, _ in encoders},
-                   len({(j.subject, j.prompt_index) for j in setup.jobs}), protocol.generation.steps,
+                   sum(len(protocol.prompts_for(s)) for s in setup.subjects), protocol.generation.steps,
                    calibrate(setup.base.pipe, encoders, protocol.generation, batch))
 
 

@@ -10,13 +10,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from . import KPS_VERSION, __version__
 from .cache import ImageCache
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError, stop_when_disk_full
 from .evaluate import compute_results
-from .generate import Job, check_plan_size, generate, is_cached, job_records, oom_guard, plan_jobs
+from .generate import Job, Plan, check_plan_size, generate, is_cached, job_records, oom_guard
 from .lock import RUN_LOCK, exclusive
 from .models import (AdapterInfo, LoadedModel, SpeedFlags, apply_adapter, check_adapter_fits, load_pipeline,
                      resolve_adapter, resolve_device)
@@ -254,21 +255,21 @@ class Setup:
     cache: ImageCache
     encoders: tuple[ClipEncoder, DinoEncoder | None]
     base: LoadedModel
-    jobs: list[Job]
+    plan: Plan
     batch_size: int
 
     @property
     def triggers(self) -> list[str]:
         return [s.trigger for s in self.subjects]
 
-    @property
-    def base_jobs(self) -> list[Job]:
-        """The images the base pipeline makes (every image, without an adapter)."""
-        return [j for j in self.jobs if j.role == "base" or self.adapter.kind == "none"]
+    def base_jobs(self, distinct: bool = False) -> Iterator[Job]:
+        """The images the base pipeline makes (every image, without an adapter); each image once with ``distinct``."""
+        jobs = self.plan.distinct() if distinct else self.plan.jobs()
+        return (j for j in jobs if j.role == "base" or self.adapter.kind == "none")
 
-    @property
-    def adapter_jobs(self) -> list[Job]:
-        return [j for j in self.jobs if j.role == "adapter"] if self.adapter.kind != "none" else []
+    def adapter_jobs(self, distinct: bool = False) -> Iterator[Job]:
+        jobs = () if self.adapter.kind == "none" else self.plan.distinct() if distinct else self.plan.jobs()
+        return (j for j in jobs if j.role == "adapter")
 
 
 def prepare(protocol: Protocol, opts: RunOptions, timings: Timings) -> Setup:
@@ -290,8 +291,8 @@ def prepare(protocol: Protocol, opts: RunOptions, timings: Timings) -> Setup:
         opts.speed.apply(base.pipe)
     check_adapter_fits(base.pipe, adapter, [s.trigger for s in subjects], opts.allow_unsafe_pickle)
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
-    jobs = plan_jobs(protocol, subjects, base.identity, adapter_id, device.split(":")[0], opts.speed.enabled)
-    return Setup(adapter, subjects, device, cache, encoders, base, jobs, opts.batch_size or g.batch_size)
+    plan = Plan(protocol, subjects, base.identity, adapter_id, device.split(":")[0], opts.speed.enabled)
+    return Setup(adapter, subjects, device, cache, encoders, base, plan, opts.batch_size or g.batch_size)
 
 
 def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
@@ -324,22 +325,22 @@ def _run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     image_dir, batch, cache = out / "images", setup.batch_size, setup.cache
     made, taken = {}, {}
     with timings("generate_base"):
-        taken["base"] = cache.take(setup.base_jobs, image_dir)
-        todo = {j.key for j in setup.base_jobs if not (image_dir / j.filename).is_file()}
-        with progress("generate base", len(todo)) as advance:
-            made["base"] = generate(base.pipe, setup.base_jobs, g, image_dir, batch, advance)
-        cache.keep(setup.base_jobs, image_dir)
+        taken["base"] = cache.take(setup.base_jobs(), image_dir)
+        todo = sum(not (image_dir / j.filename).is_file() for j in setup.base_jobs(distinct=True))
+        with progress("generate base", todo) as advance:
+            made["base"] = generate(base.pipe, setup.base_jobs(), g, image_dir, batch, advance)
+        cache.keep(setup.base_jobs(), image_dir)
     if adapter.kind != "none":
-        todo = [j for j in setup.adapter_jobs if not is_cached(image_dir / j.filename)]
+        todo = sum(not is_cached(image_dir / j.filename) for j in setup.adapter_jobs(distinct=True))
         if todo:
             with timings("load_adapter"):
                 pipe = apply_adapter(base, adapter, setup.triggers, setup.device, g.dtype, g.scheduler,
                                      opts.allow_unsafe_pickle)
                 opts.speed.apply(pipe)
-            with timings("generate_adapter"), progress("generate adapter", len({j.key for j in todo})) as advance:
-                made["adapter"] = generate(pipe, setup.adapter_jobs, g, image_dir, batch, advance)
+            with timings("generate_adapter"), progress("generate adapter", todo) as advance:
+                made["adapter"] = generate(pipe, setup.adapter_jobs(), g, image_dir, batch, advance)
     provenance.update(images_made=made, images_from_cache=taken, image_cache=str(cache.root))
-    records = refs + job_records(setup.jobs, image_dir, out)
+    records = refs + job_records(setup.plan.jobs(), image_dir, out)
     return embed_and_score(records, out, protocol, setup.encoders, timings, provenance)
 
 
