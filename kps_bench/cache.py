@@ -4,7 +4,9 @@ An entry is a PNG named by its content address (:func:`kps_bench.generate.cache_
 weights hash, scheduler, steps, guidance, resolution, dtype, negative prompt, prompt, seed, device type), under
 ``$KPS_BENCH_CACHE`` (default ``~/.cache/kps-bench``) or ``--cache-dir``. Run folders stay self-contained: an entry is
 hard-linked into the run's ``images/`` (copied when the two are on different file systems). Every write goes to a
-temporary name and is renamed into place, so two processes writing one entry leave one intact file.
+temporary name and is renamed into place, so two processes writing one entry leave one intact file; a temporary that
+a killed writer left is removed by a later run once it is an hour old (the cache has no lock, and a live writer's
+temporary lives for a moment).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from .generate import Job, is_cached
-from .rundir import check_writable
+from .rundir import check_writable, remove_stale_temporaries
 
 ENV = "KPS_BENCH_CACHE"
+#: A cache temporary older than this (seconds since it was created or linked) was left by a killed writer.
+STALE_TEMPORARY_S = 3600
 
 
 def default_cache_dir() -> Path:
@@ -53,29 +58,29 @@ class ImageCache:
         check_writable(root, f"--cache-dir (or ${ENV})")
         return cls(root)
 
+    def remove_stale_temporaries(self) -> int:
+        """Delete the temporaries that killed writers left anywhere in the cache over :data:`STALE_TEMPORARY_S`
+        ago; returns how many."""
+        return sum(remove_stale_temporaries(d, STALE_TEMPORARY_S) for d in self.root.glob("**/"))
+
     def entry(self, key: str) -> Path:
         return self.root / "images" / key[:2] / f"{key}.png"
 
-    def take(self, jobs: list[Job], image_dir: Path) -> int:
+    def take(self, jobs: Iterable[Job], image_dir: Path) -> int:
         """Link the cached images of ``jobs`` that ``image_dir`` lacks into it; returns how many were taken."""
         taken = 0
-        for key, name in distinct(jobs).items():
-            if not (image_dir / name).is_file() and is_cached(self.entry(key)):
-                link_or_copy(self.entry(key), image_dir / name)
+        for j in jobs:
+            if not (image_dir / j.filename).is_file() and is_cached(self.entry(j.key)):
+                link_or_copy(self.entry(j.key), image_dir / j.filename)
                 taken += 1
         return taken
 
-    def keep(self, jobs: list[Job], image_dir: Path) -> int:
+    def keep(self, jobs: Iterable[Job], image_dir: Path) -> int:
         """Add the images of ``jobs`` in ``image_dir`` that the cache lacks (or holds corrupt: a run folder's image
         edited in place also edits its hard-linked entry) to it; returns how many were added."""
         kept = 0
-        for key, name in distinct(jobs).items():
-            if (image_dir / name).is_file() and not is_cached(self.entry(key)):
-                link_or_copy(image_dir / name, self.entry(key))
+        for j in jobs:
+            if (image_dir / j.filename).is_file() and not is_cached(self.entry(j.key)):
+                link_or_copy(image_dir / j.filename, self.entry(j.key))
                 kept += 1
         return kept
-
-
-def distinct(jobs: list[Job]) -> dict[str, str]:
-    """Key -> file name of each distinct image of ``jobs``."""
-    return {j.key: j.filename for j in jobs}

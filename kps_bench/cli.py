@@ -95,18 +95,31 @@ CACHE_HELP = ("Image cache shared by runs, so base images are made once for ever
               "Only for files you trust: pickle can run code.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+@click.option("--dry-run", is_flag=True, help="Print the plan (images to generate and already made, encoder passes, "
+              "time estimated from a short calibration on --device) and stop; nothing is written.")
+@click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet (worth it for long runs).")
+@click.option("--channels-last", is_flag=True, help="UNet and VAE in channels-last memory format.")
+@click.option("--tf32", is_flag=True, help="Allow TF32 matmuls and convolutions on NVIDIA GPUs.")
 def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype, batch_size, label,
-        allow_unsafe_pickle, sets, cache_dir):
-    """Generate base and adapter images for a protocol and score them."""
+        allow_unsafe_pickle, sets, cache_dir, dry_run, compile_unet, channels_last, tf32):
+    """Generate base and adapter images for a protocol and score them.
+
+    The speed flags (--compile, --channels-last, --tf32) are recorded in provenance and in the images' cache keys."""
+    from .models import SpeedFlags
     from .run import RunOptions, run_benchmark
 
     sets = list(sets) + ([f"base_model={base}"] if base else []) + ([f"generation.dtype={dtype}"] if dtype else [])
     protocol = _protocol(protocol_name, sets)
-    results = run_benchmark(protocol, RunOptions(
+    opts = RunOptions(
         out=Path(out), adapter=adapter, adapter_kind=adapter_kind, subjects=tuple(subjects), device=device,
         batch_size=batch_size, allow_unsafe_pickle=allow_unsafe_pickle, label=label, overrides=tuple(sets),
-        cache_dir=Path(cache_dir) if cache_dir else None))
-    _print_summary(results, out)
+        cache_dir=Path(cache_dir) if cache_dir else None, speed=SpeedFlags(compile_unet, channels_last, tf32))
+    if dry_run:
+        from .plan import plan_run
+
+        click.echo(plan_run(protocol, opts).text())
+        return
+    _print_summary(run_benchmark(protocol, opts), out)
 
 
 @main.command()

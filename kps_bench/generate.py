@@ -14,6 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from .errors import UserError
 from .protocol import Generation, Protocol, Subject, canonical_json, derive_seed, expand_prompt
@@ -46,8 +47,9 @@ class Job:
         return f"{self.subject}:{self.role}:{kind}:p{self.prompt_index}:k{self.image_index}"
 
 
-def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Generation, device_type: str) -> str:
-    """Content address of one image: everything that determines its pixels."""
+def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Generation, device_type: str,
+              speed: tuple[str, ...] = ()) -> str:
+    """Content address of one image: everything that determines its pixels (``speed``: the speed flags in use)."""
     material = {
         "model": {k: model.get(k) for k in ("sha256", "hub_id", "revision")},
         "adapter": adapter,
@@ -60,6 +62,7 @@ def cache_key(model: dict, adapter: dict | None, prompt: str, seed: int, gen: Ge
         "resolution": gen.resolution,
         "dtype": gen.dtype,
         "device": device_type,
+        **({"speed": sorted(speed)} if speed else {}),
     }
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:32]
 
@@ -91,25 +94,49 @@ def check_plan_size(protocol: Protocol, subjects: list[Subject], with_adapter: b
     return n
 
 
-def plan_jobs(protocol: Protocol, subjects: list[Subject], model: dict, adapter: dict | None,
-              device_type: str) -> list[Job]:
-    """Base images on trigger-free prompts, and adapter images on trigger-free and trigger prompts, seed-paired."""
-    g = protocol.generation
-    jobs = []
-    for s in subjects:
-        for p, template in enumerate(protocol.prompts_for(s)):
-            free = expand_prompt(template, s, with_trigger=False)
-            trig = expand_prompt(template, s, with_trigger=True)
-            for k in range(g.images_per_prompt):
-                seed = derive_seed(g.seed, p, k)
-                for role, prompt, has_trigger, adapter_id in (
-                    ("base", free, False, None),
-                    ("adapter", free, False, adapter),
-                    ("adapter", trig, True, adapter),
-                ):
-                    key = cache_key(model, adapter_id, prompt, seed, g, device_type)
-                    jobs.append(Job(key, role, s.name, prompt, free, has_trigger, seed, p, k))
-    return jobs
+@dataclass(frozen=True)
+class Plan:
+    """The images of a run: base images on trigger-free prompts, and adapter images on trigger-free and trigger
+    prompts, seed-paired. Jobs are made as they are asked for, so a plan of any size takes little memory."""
+
+    protocol: Protocol
+    subjects: list[Subject]
+    model: dict
+    adapter: dict | None
+    device_type: str
+    speed: tuple[str, ...] = ()
+
+    def jobs(self) -> Iterator[Job]:
+        """Every job, in the run's order: subject, prompt, image, then base, adapter trigger-free, adapter trigger."""
+        for s in self.subjects:
+            for p in range(len(self.protocol.prompts_for(s))):
+                for k in range(self.protocol.generation.images_per_prompt):
+                    yield from self._seed_jobs(s, p, k)
+
+    def distinct(self) -> Iterator[Job]:
+        """The first job of each distinct image. Equal keys have equal seeds, hence the same prompt and image index,
+        so only one (prompt, image) group of keys is held at a time."""
+        longest = max((len(self.protocol.prompts_for(s)) for s in self.subjects), default=0)
+        for p in range(longest):
+            for k in range(self.protocol.generation.images_per_prompt):
+                first: dict[str, Job] = {}
+                for s in self.subjects:
+                    if p < len(self.protocol.prompts_for(s)):
+                        for j in self._seed_jobs(s, p, k):
+                            first.setdefault(j.key, j)
+                yield from first.values()
+
+    def _seed_jobs(self, s: Subject, p: int, k: int) -> list[Job]:
+        g = self.protocol.generation
+        template = self.protocol.prompts_for(s)[p]
+        free = expand_prompt(template, s, with_trigger=False)
+        trig = expand_prompt(template, s, with_trigger=True)
+        seed = derive_seed(g.seed, p, k)
+        return [Job(cache_key(self.model, adapter_id, prompt, seed, g, self.device_type, self.speed), role, s.name,
+                    prompt, free, has_trigger, seed, p, k)
+                for role, prompt, has_trigger, adapter_id in (("base", free, False, None),
+                                                              ("adapter", free, False, self.adapter),
+                                                              ("adapter", trig, True, self.adapter))]
 
 
 def image_flags(pixels) -> list[str]:
@@ -124,18 +151,24 @@ def image_flags(pixels) -> list[str]:
     return flags
 
 
+def to_image(pixels):
+    """``[H, W, 3]`` floats in [0, 1] (NaN as 0) quantised to an 8-bit RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.nan_to_num(pixels, nan=0.0).clip(0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
 def save_png(pixels, path: Path, flags: list[str], info: dict) -> None:
     """Quantise ``[H, W, 3]`` floats in [0, 1] to 8-bit and write atomically, flags in the PNG text chunk."""
-    import numpy as np
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
-    arr = (np.nan_to_num(pixels, nan=0.0).clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
     meta = PngImagePlugin.PngInfo()
     meta.add_text(FLAG_KEY, ",".join(flags))
     for k, v in info.items():
         meta.add_text(k, str(v))
     with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta)
+        to_image(pixels).save(tmp, format="PNG", pnginfo=meta)
 
 
 def is_cached(path: Path) -> bool:
@@ -197,27 +230,41 @@ def sample(pipe, prompts: list[str], seeds: list[int], gen: Generation, batch_si
         yield i, out
 
 
-def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
-    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call. Returns how many were made.
+def missing_batches(jobs: Iterable[Job], image_dir: Path, batch_size: int) -> Iterator[list[Job]]:
+    """Consecutive batches of ``batch_size`` jobs whose PNG is not in ``image_dir``, each image once, taken from
+    ``jobs`` as they come. The caller has written every batch but the last one it was given when it asks for the next,
+    so only that batch's keys (and the batch being filled) are remembered."""
+    batch, recent = [], set()
+    for j in jobs:
+        if j.key in recent or is_cached(image_dir / j.filename):
+            continue
+        batch.append(j)
+        recent.add(j.key)
+        if len(batch) == batch_size:
+            yield batch
+            recent, batch = {done.key for done in batch}, []
+    if batch:
+        yield batch
+
+
+def generate(pipe, jobs: Iterable[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
+    """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call, taking the jobs as they
+    come (a plan of any size starts at once). Returns how many were made.
 
     A writer thread saves each batch's PNGs while the next batch is generated, so the device does not wait on the
     disk; a batch's writes finish before the next batch is queued (at most one batch waits in memory, and a write
     error stops the generation)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pending, seen = [], set()
-    for j in jobs:
-        if j.key not in seen and not is_cached(image_dir / j.filename):
-            seen.add(j.key)
-            pending.append(j)
     made, writes = 0, []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kps-bench-png") as writer:
-        for start, out in sample(pipe, [j.prompt for j in pending], [j.seed for j in pending], gen, batch_size):
+        for batch in missing_batches(jobs, image_dir, batch_size):
+            _, out = next(sample(pipe, [j.prompt for j in batch], [j.seed for j in batch], gen, batch_size))
             for w in writes:
                 w.result()
             writes = [writer.submit(save_png, pixels, image_dir / j.filename, image_flags(pixels),
                                     {"prompt": j.prompt, "seed": j.seed})
-                      for j, pixels in zip(pending[start : start + len(out)], out)]
+                      for j, pixels in zip(batch, out)]
             made += len(out)
             if progress is not None:
                 progress(len(out))
@@ -226,7 +273,7 @@ def generate(pipe, jobs: list[Job], gen: Generation, image_dir: Path, batch_size
     return made
 
 
-def job_records(jobs: list[Job], image_dir: Path, run_dir: Path) -> list[ImageRecord]:
+def job_records(jobs: Iterable[Job], image_dir: Path, run_dir: Path) -> list[ImageRecord]:
     """Manifest rows for generated images (all PNGs must exist)."""
     rows, flags_cache, sha_cache = [], {}, {}
     for j in jobs:

@@ -227,7 +227,7 @@ def _check_folder_is_safe(folder: Path, allow_unsafe_pickle: bool, what: str) ->
 
 @dataclass
 class LoadedModel:
-    pipe: object
+    pipe: object | None  # None once released (see :func:`apply_adapter`)
     identity: dict
 
     @property
@@ -236,9 +236,37 @@ class LoadedModel:
         return str(self.pipe.dtype).removeprefix("torch.")
 
 
+@dataclass(frozen=True)
+class SpeedFlags:
+    """Optional generation speed-ups (``--compile``, ``--channels-last``, ``--tf32``). They may change the last bits of
+    pixels on a GPU, so provenance records them and they are part of each image's cache key."""
+
+    compile: bool = False
+    channels_last: bool = False
+    tf32: bool = False
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(name for name in ("compile", "channels_last", "tf32") if getattr(self, name))
+
+    def apply(self, pipe) -> None:
+        """TF32 matmuls and convolutions (process-wide), channels-last UNet and VAE, a compiled UNet."""
+        import torch
+
+        if self.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if self.compile:
+            pipe.unet.compile()  # in place: adapters loaded later into the UNet are compiled with it
+
+
 def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: str,
-                  allow_unsafe_pickle: bool = False) -> LoadedModel:
-    """Load a text-to-image diffusers pipeline (SD 1.x/2.x/XL) on ``device`` with the protocol's scheduler."""
+                  allow_unsafe_pickle: bool = False, components: dict | None = None) -> LoadedModel:
+    """Load a text-to-image diffusers pipeline (SD 1.x/2.x/XL) on ``device`` with the protocol's scheduler;
+    ``components`` (name -> loaded module) are used as they are instead of being loaded."""
     from diffusers import AutoPipelineForText2Image
 
     quiet_progress_bars()
@@ -254,7 +282,8 @@ def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: 
         use_safe = not allow_unsafe_pickle
     kwargs = {"dtype": torch_dtype(dtype), "safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(resolved, use_safetensors=use_safe or None, **kwargs)
+        pipe = AutoPipelineForText2Image.from_pretrained(resolved, use_safetensors=use_safe or None, **kwargs,
+                                                         **(components or {}))
     except OSError as e:
         if local:
             raise UserError(f"Cannot load the diffusers pipeline in '{p}': {e}") from None
@@ -383,17 +412,47 @@ def resolve_adapter(adapter: str | None, kind: str, allow_unsafe_pickle: bool) -
 
 def apply_adapter(loaded: LoadedModel, info: AdapterInfo, triggers: list[str], device: str, dtype: str,
                   scheduler: str, allow_unsafe_pickle: bool = False) -> object:
-    """The pipeline that makes adapter images: the base with the adapter loaded, or the fine-tuned pipeline."""
+    """The pipeline that makes adapter images: the base with the adapter loaded, or the fine-tuned pipeline.
+
+    A fine-tuned pipeline takes the base's place, so the two are never on the device at once: it reuses the base's
+    components whose files it shares (DreamBooth leaves the VAE and the tokenizer, often the text encoder, as they
+    were), and the base pipeline is released (``loaded.pipe`` becomes None) before the other weights load."""
     if info.kind == "none":
         return loaded.pipe
     if info.kind == "pipeline":
-        return load_pipeline(info.path, info.path, device, dtype, scheduler, allow_unsafe_pickle).pipe
+        shared = unchanged_components(loaded, info)
+        release(loaded)
+        return load_pipeline(info.path, info.path, device, dtype, scheduler, allow_unsafe_pickle, shared).pipe
     pipe = loaded.pipe
     if info.kind == "lora":
         load_lora_checked(pipe, Path(info.path), allow_unsafe_pickle)
     elif info.kind == "textual-inversion":
         load_textual_inversion_checked(pipe, Path(info.path), triggers, allow_unsafe_pickle)
     return pipe
+
+
+def unchanged_components(loaded: LoadedModel, info: AdapterInfo) -> dict:
+    """The base's loaded components (name -> module) whose files a fine-tuned pipeline folder holds unchanged. A base
+    from the hub has no file hashes to compare: nothing is shared."""
+    base_files = loaded.identity.get("files") or {}
+
+    def files(hashes: dict, name: str) -> dict:
+        return {k: v for k, v in hashes.items() if k.startswith(f"{name}/")}
+
+    return {name: module for name, module in loaded.pipe.components.items()
+            if module is not None and files(base_files, name) and files(base_files, name) == files(info.files, name)}
+
+
+def release(loaded: LoadedModel) -> None:
+    """Drop the pipeline of ``loaded`` and return the device memory of whatever nothing else holds."""
+    import gc
+
+    import torch
+
+    loaded.pipe = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_adapter_fits(pipe, info: AdapterInfo, triggers: list[str], allow_unsafe_pickle: bool = False) -> None:

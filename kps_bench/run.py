@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from . import KPS_VERSION, __version__
 from .cache import ImageCache
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError, stop_when_disk_full
 from .evaluate import compute_results
-from .generate import check_plan_size, generate, is_cached, job_records, oom_guard, plan_jobs
+from .generate import Job, Plan, check_plan_size, generate, is_cached, job_records, oom_guard
 from .lock import RUN_LOCK, exclusive
-from .models import AdapterInfo, apply_adapter, check_adapter_fits, load_pipeline, resolve_adapter, resolve_device
+from .models import (AdapterInfo, LoadedModel, SpeedFlags, apply_adapter, check_adapter_fits, load_pipeline,
+                     resolve_adapter, resolve_device)
 from .protocol import Protocol, Subject
 from .provenance import Timings, device_info, git_commit, now_iso, package_versions
 from .rundir import (RESULTS, ImageRecord, check_run_files, check_writable, load_embeddings, read_manifest,
@@ -43,6 +46,7 @@ class RunOptions:
     overrides: tuple[str, ...] = field(default_factory=tuple)
     #: The shared image cache (None: ``$KPS_BENCH_CACHE``, else ``~/.cache/kps-bench``).
     cache_dir: Path | None = None
+    speed: SpeedFlags = field(default_factory=SpeedFlags)
 
 
 # ----------------------------------------------------------------------------- references
@@ -241,6 +245,56 @@ def writing_run_folder(out: Path, command: str):
         yield
 
 
+@dataclass
+class Setup:
+    """A run's inputs, opened and checked before its first image: what a run and its dry run start from."""
+
+    adapter: AdapterInfo
+    subjects: list[Subject]
+    device: str
+    cache: ImageCache
+    encoders: tuple[ClipEncoder, DinoEncoder | None]
+    base: LoadedModel
+    plan: Plan
+    batch_size: int
+
+    @property
+    def triggers(self) -> list[str]:
+        return [s.trigger for s in self.subjects]
+
+    def base_jobs(self, distinct: bool = False) -> Iterator[Job]:
+        """The images the base pipeline makes (every image, without an adapter); each image once with ``distinct``."""
+        jobs = self.plan.distinct() if distinct else self.plan.jobs()
+        return (j for j in jobs if j.role == "base" or self.adapter.kind == "none")
+
+    def adapter_jobs(self, distinct: bool = False) -> Iterator[Job]:
+        jobs = () if self.adapter.kind == "none" else self.plan.distinct() if distinct else self.plan.jobs()
+        return (j for j in jobs if j.role == "adapter")
+
+
+def prepare(protocol: Protocol, opts: RunOptions, timings: Timings) -> Setup:
+    """Resolve and check every input, load the encoders and the base model, and plan the images. Writes nothing."""
+    adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
+    subjects = select_subjects(protocol, opts.subjects, adapter)
+    device = resolve_device(opts.device)
+    cache = ImageCache.open(opts.cache_dir)
+    check_reference_folders(protocol, subjects)
+    for s in subjects:
+        reference_images(protocol, s)
+    g = protocol.generation
+    check_plan_size(protocol, subjects, adapter.kind != "none", Path(opts.out) / "images")
+    with timings("load_encoders"):  # every model and adapter is opened and checked before the first image
+        encoders = load_encoders(protocol, device, opts.allow_unsafe_pickle)
+    with timings("load_base"):
+        base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"), device, g.dtype,
+                             g.scheduler, opts.allow_unsafe_pickle)
+        opts.speed.apply(base.pipe)
+    check_adapter_fits(base.pipe, adapter, [s.trigger for s in subjects], opts.allow_unsafe_pickle)
+    adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
+    plan = Plan(protocol, subjects, base.identity, adapter_id, device.split(":")[0], opts.speed.enabled)
+    return Setup(adapter, subjects, device, cache, encoders, base, plan, opts.batch_size or g.batch_size)
+
+
 def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     """Generate base and adapter images for every subject and prompt, then score them into ``opts.out``."""
     with writing_run_folder(Path(opts.out), "kps-bench run"):
@@ -250,57 +304,44 @@ def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
 def _run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
     timings = Timings()
     out = Path(opts.out)
-    adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
-    subjects = select_subjects(protocol, opts.subjects, adapter)
-    device = resolve_device(opts.device)
-    cache = ImageCache.open(opts.cache_dir)
-    check_reference_folders(protocol, subjects)
-    for s in subjects:
-        reference_images(protocol, s)
-    g = protocol.generation
-    check_plan_size(protocol, subjects, adapter.kind != "none", out / "images")
-    with timings("load_encoders"):  # every model and adapter is opened and checked before the first image
-        encoders = load_encoders(protocol, device, opts.allow_unsafe_pickle)
-    batch = opts.batch_size or g.batch_size
-    provenance = base_provenance(protocol, device, {
+    start = now_iso()
+    setup = prepare(protocol, opts, timings)
+    adapter, base, g = setup.adapter, setup.base, protocol.generation
+    provenance = base_provenance(protocol, setup.device, {
         "adapter": adapter.to_dict(), "label": opts.label or (adapter.training or {}).get("method"),
         "method": (adapter.training or {}).get("method") or opts.label or adapter.kind,
-        "subjects": [s.name for s in subjects], "batch_size": batch,
+        "subjects": [s.name for s in setup.subjects], "batch_size": setup.batch_size,
         "seeds": {"generation": g.seed, "bootstrap": protocol.bootstrap.seed}, "overrides": list(opts.overrides),
+        "start_time": start, "base_model": base.identity, "dtype": base.dtype, "speed": dataclasses.asdict(opts.speed),
     })
-    with timings("load_base"):
-        base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"), device, g.dtype,
-                             g.scheduler, opts.allow_unsafe_pickle)
-    provenance.update(base_model=base.identity, dtype=base.dtype)
-    triggers = [s.trigger for s in subjects]
-    check_adapter_fits(base.pipe, adapter, triggers, opts.allow_unsafe_pickle)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "images"):
         if n := remove_stale_temporaries(folder):
             console.print(f"removed {n} temporary file(s) that an interrupted run left in '{folder}'")
-    refs = [r for s in subjects for r in reference_records(protocol, s, out)]
-    adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
-    jobs = plan_jobs(protocol, subjects, base.identity, adapter_id, device.split(":")[0])
-    image_dir = out / "images"
+    if n := setup.cache.remove_stale_temporaries():
+        console.print(f"removed {n} temporary file(s) that interrupted writers left in the image cache "
+                      f"'{setup.cache.root}' over an hour ago")
+    refs = [r for s in setup.subjects for r in reference_records(protocol, s, out)]
+    image_dir, batch, cache = out / "images", setup.batch_size, setup.cache
     made, taken = {}, {}
     with timings("generate_base"):
-        base_jobs = [j for j in jobs if j.role == "base" or adapter.kind == "none"]
-        taken["base"] = cache.take(base_jobs, image_dir)
-        todo = {j.key for j in base_jobs if not (image_dir / j.filename).is_file()}
-        with progress("generate base", len(todo)) as advance:
-            made["base"] = generate(base.pipe, base_jobs, g, image_dir, batch, advance)
-        cache.keep(base_jobs, image_dir)
+        taken["base"] = cache.take(setup.base_jobs(), image_dir)
+        todo = sum(not (image_dir / j.filename).is_file() for j in setup.base_jobs(distinct=True))
+        with progress("generate base", todo) as advance:
+            made["base"] = generate(base.pipe, setup.base_jobs(), g, image_dir, batch, advance)
+        cache.keep(setup.base_jobs(), image_dir)
     if adapter.kind != "none":
-        adapter_jobs = [j for j in jobs if j.role == "adapter"]
-        todo = [j for j in adapter_jobs if not is_cached(image_dir / j.filename)]
+        todo = sum(not is_cached(image_dir / j.filename) for j in setup.adapter_jobs(distinct=True))
         if todo:
             with timings("load_adapter"):
-                pipe = apply_adapter(base, adapter, triggers, device, g.dtype, g.scheduler, opts.allow_unsafe_pickle)
-            with timings("generate_adapter"), progress("generate adapter", len({j.key for j in todo})) as advance:
-                made["adapter"] = generate(pipe, adapter_jobs, g, image_dir, batch, advance)
+                pipe = apply_adapter(base, adapter, setup.triggers, setup.device, g.dtype, g.scheduler,
+                                     opts.allow_unsafe_pickle)
+                opts.speed.apply(pipe)
+            with timings("generate_adapter"), progress("generate adapter", todo) as advance:
+                made["adapter"] = generate(pipe, setup.adapter_jobs(), g, image_dir, batch, advance)
     provenance.update(images_made=made, images_from_cache=taken, image_cache=str(cache.root))
-    records = refs + job_records(jobs, image_dir, out)
-    return embed_and_score(records, out, protocol, encoders, timings, provenance)
+    records = refs + job_records(setup.plan.jobs(), image_dir, out)
+    return embed_and_score(records, out, protocol, setup.encoders, timings, provenance)
 
 
 def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = "auto", label: str | None = None,

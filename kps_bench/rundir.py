@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -95,12 +96,17 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", is_file: bool =
                         f"write to, or fix its permissions.") from None
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete the temporary files (``.NAME.*.tmp*``) that a killed writer left in ``folder``; returns how many."""
-    stale = [p for p in folder.glob(".*.tmp*") if p.is_file()] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+def remove_stale_temporaries(folder: Path, older_than_s: float = 0.0) -> int:
+    """Delete the temporary files (``.NAME.*.tmp*``) that a killed writer left in ``folder``: every one (for a folder
+    under its lock), or only those created (or hard-linked) more than ``older_than_s`` seconds ago, so that a live
+    writer's stay. Returns how many."""
+    cutoff, removed = time.time() - older_than_s, 0
+    for p in folder.glob(".*.tmp*") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # renamed into place by its writer meanwhile
+            if p.is_file() and (not older_than_s or p.stat().st_ctime < cutoff):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -131,3 +131,37 @@ def test_default_location_and_a_cache_dir_that_cannot_be_written(tiny, tiny_prot
     assert r.exit_code == 2, r.output
     assert "--cache-dir (or $KPS_BENCH_CACHE)" in r.output and "is a file, not a folder" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_temporaries_that_killed_writers_left_in_the_cache_are_removed_after_an_hour(tiny_protocol, tmp_path,
+                                                                                     monkeypatch):
+    """A copy cut short by a kill, or a dangling hard link, is removed by the next run once it is over an hour old;
+    a younger one (maybe a live writer's: a hard link of an old entry counts from the link) and entries stay."""
+    import time
+    from types import SimpleNamespace
+
+    from kps_bench import rundir
+
+    cache = ImageCache.open(tmp_path / "cache")
+    entry = cache.entry("ab" * 16)
+    save_png(np.full((8, 8, 3), 0.5), entry, [], {})
+    os.utime(entry, (time.time() - 86400,) * 2)  # made a day ago
+    cut = entry.with_name(f".{entry.name}.0f0f.tmp")
+    cut.write_bytes(entry.read_bytes()[:50])
+    linked = entry.with_name(f".{entry.name}.1e1e.tmp")
+    os.link(entry, linked)
+    class_image = tmp_path / "cache" / "class-images" / ".c.png.x7y.tmp.png"
+    class_image.parent.mkdir()
+    class_image.write_bytes(b"\x89PNG")
+    stale = {cut, linked, class_image}
+    assert cache.remove_stale_temporaries() == 0 and all(p.exists() for p in stale)
+
+    later = time.time() + 3601
+    monkeypatch.setattr(rundir, "time", SimpleNamespace(time=lambda: later))
+    r = CliRunner().invoke(main, ["run", "--protocol", str(tiny_protocol), "--adapter-kind", "none", "--subject",
+                                  "red-block", "--set", "prompts=['a {subject}']", "--out", str(tmp_path / "run"),
+                                  "--device", "cpu", "--cache-dir", str(cache.root)])
+    assert r.exit_code == 0, r.output
+    assert "removed 3 temporary file(s) that interrupted writers left in the image cache" in r.output
+    assert not any(p.exists() for p in stale) and readable_image(entry)
+    assert not [p for p in cache.root.rglob(".*") if p.is_file()]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from kps_bench.cli import main
-from kps_bench.generate import plan_jobs
+from kps_bench.generate import Plan
 from kps_bench.leaderboard import build_tables, load_run
 from kps_bench.protocol import load_protocol
 from kps_bench.run import RunOptions, run_benchmark
@@ -110,7 +110,7 @@ def sets_protocol(tiny):
 
 
 def test_jobs_follow_each_subjects_prompt_set(sets_protocol):
-    jobs = plan_jobs(sets_protocol, list(sets_protocol.subjects), {"spec": "x"}, None, "cpu")
+    jobs = list(Plan(sets_protocol, sets_protocol.subjects, {"spec": "x"}, None, "cpu").jobs())
     by_subject = {s: sorted({j.prompt_without_trigger for j in jobs if j.subject == s}) for s in ("red-block", "blue-ball")}
     assert by_subject == {"red-block": ["a block on a table", "a photo of a block"],
                           "blue-ball": ["a ball in the snow", "a ball on the beach", "a red ball"]}

@@ -1,10 +1,12 @@
 """Seed-paired generation: batch-size independence, content-addressed cache, resume after interruption."""
 
+import itertools
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from kps_bench.generate import generate, image_flags, plan_jobs, read_flags, sample, save_png
+from kps_bench.generate import Plan, generate, image_flags, read_flags, sample, save_png
 from kps_bench.models import load_pipeline
 from kps_bench.protocol import load_protocol
 from kps_bench.rundir import atomic_path
@@ -14,7 +16,8 @@ from kps_bench.rundir import atomic_path
 def setup(tiny_protocol):
     protocol = load_protocol(str(tiny_protocol), ["generation.images_per_prompt=3"])
     base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model), "cpu", "float32", "ddim")
-    jobs = [j for j in plan_jobs(protocol, list(protocol.subjects[:1]), base.identity, None, "cpu") if j.role == "base"]
+    plan = Plan(protocol, list(protocol.subjects[:1]), base.identity, None, "cpu")
+    jobs = [j for j in plan.jobs() if j.role == "base"]
     return protocol, base.pipe, jobs
 
 
@@ -25,7 +28,7 @@ def pixels(path):
 def test_jobs_are_seed_paired_and_content_addressed(tiny_protocol):
     protocol = load_protocol(str(tiny_protocol))
     model = {"sha256": "m"}
-    jobs = plan_jobs(protocol, list(protocol.subjects), model, {"files": {"a": "1"}}, "cpu")
+    jobs = list(Plan(protocol, list(protocol.subjects), model, {"files": {"a": "1"}}, "cpu").jobs())
     s, n_prompts, k = len(protocol.subjects), len(protocol.prompts), protocol.generation.images_per_prompt
     assert len(jobs) == s * n_prompts * k * 3
     by = {}
@@ -35,13 +38,55 @@ def test_jobs_are_seed_paired_and_content_addressed(tiny_protocol):
         assert len({j.seed for j in group}) == 1  # base, adapter-free and adapter-trigger share the seed
     assert len({j.key for j in jobs}) == len(jobs)
     # without an adapter, base and adapter trigger-free images are the same image (same key)
-    none = plan_jobs(protocol, list(protocol.subjects[:1]), model, None, "cpu")
+    none = list(Plan(protocol, list(protocol.subjects[:1]), model, None, "cpu").jobs())
     free = [j for j in none if not j.has_trigger]
     assert len({j.key for j in free}) == len(free) // 2
     # the key moves with anything that changes pixels
-    other = plan_jobs(load_protocol(str(tiny_protocol), ["generation.steps=3"]), list(protocol.subjects[:1]),
-                      model, None, "cpu")
+    other = Plan(load_protocol(str(tiny_protocol), ["generation.steps=3"]), list(protocol.subjects[:1]), model, None,
+                 "cpu").jobs()
     assert not {j.key for j in other} & {j.key for j in none}
+
+
+def test_distinct_jobs_are_the_first_job_of_each_image_in_run_order(tiny_protocol):
+    """Two subjects of one class share their base images (same prompt, same seed): counted once, as in run order."""
+    protocol = load_protocol(str(tiny_protocol), ["subjects.1.class_noun=block", "generation.images_per_prompt=3"])
+    for adapter in (None, {"files": {"a": "1"}}):
+        plan = Plan(protocol, list(protocol.subjects), {"sha256": "m"}, adapter, "cpu")
+        first = {}
+        for j in plan.jobs():
+            first.setdefault(j.key, j)
+        distinct = list(plan.distinct())
+        assert sorted(distinct, key=lambda j: j.key) == sorted(first.values(), key=lambda j: j.key)
+        # per prompt and seed: one trigger-free image per model (shared by both subjects, and by both roles without
+        # an adapter), and one trigger image per subject
+        assert len(distinct) == 2 * 3 * ((1 if adapter is None else 2) + 2)
+
+
+def test_a_huge_plan_starts_generating_without_planning_every_image(tiny_protocol, setup, tmp_path):
+    """With 10**8 images per prompt, the first batch is made after planning its own few jobs; the jobs (seeds,
+    order, keys) are those of a small plan, which the first images of a huge one share."""
+    protocol = load_protocol(str(tiny_protocol), ["generation.images_per_prompt=100000000"])
+    _, pipe, _ = setup
+    huge = Plan(protocol, list(protocol.subjects), {"sha256": "m"}, None, "cpu")
+    small = Plan(load_protocol(str(tiny_protocol)), list(protocol.subjects[:1]), {"sha256": "m"}, None, "cpu")
+    assert list(itertools.islice(huge.jobs(), 6)) == list(small.jobs())[:6]
+    planned = 0
+
+    def counted(jobs):
+        nonlocal planned
+        for j in jobs:
+            planned += 1
+            yield j
+
+    def stop(n):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        generate(pipe, counted(huge.jobs()), protocol.generation, tmp_path, 4, stop)
+    # seeds 0 and 1 of the first prompt: base (= adapter trigger-free) and trigger images, 6 jobs for 4 images
+    assert planned == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({j.filename for j in small.jobs()
+                                                                 if j.image_index < 2 and j.prompt_index == 0})
 
 
 def test_same_seed_same_image_whatever_the_batch_size(setup, tmp_path):

@@ -136,8 +136,8 @@ def test_train_baseline_stops_on_a_full_disk_and_resumes_identically(tiny_protoc
 
 @pytest.mark.slow
 def test_kill_soak_short(tiny, tmp_path):
-    r = subprocess.run([sys.executable, str(SOAK), "--runs", "3", "--trains", "2", "--tiny", str(tiny), "--work",
-                        str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(SOAK), "--runs", "3", "--trains", "2", "--methods", "lora", "--tiny",
+                        str(tiny), "--work", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "run: 3/3 kills survived, 0 mismatch(es)" in r.stdout
     assert "train-baseline: 2/2 kills survived, 0 mismatch(es)" in r.stdout

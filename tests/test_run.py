@@ -196,6 +196,46 @@ def test_allow_unsafe_pickle_works_for_every_weight_file(tiny, tmp_path):
     assert torch.equal(dino_bin.encode_images(images), DinoEncoder(str(tiny / "dino")).encode_images(images))
 
 
+def test_cli_run_with_a_pickle_lora_file_and_allow_unsafe_pickle(lora_run, tiny, tiny_protocol, tmp_path):
+    """`run --allow-unsafe-pickle` takes a LoRA given as a .bin file, and makes the safetensors LoRA's images."""
+    lora = tmp_path / "pytorch_lora_weights.bin"
+    torch.save(load_file(str(tiny / "lora" / "pytorch_lora_weights.safetensors")), lora)
+    r = CliRunner().invoke(main, ["run", "--protocol", str(tiny_protocol), "--adapter", str(lora), "--subject",
+                                  "red-block", "--out", str(tmp_path / "run"), "--device", "cpu",
+                                  "--allow-unsafe-pickle"])
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "ok" and results["provenance"]["adapter"]["kind"] == "lora"
+    assert results["provenance"]["images_made"]["adapter"] == 8
+
+    def adapter_images(run):
+        return {r["id"]: r["sha256"] for line in (run / "images.jsonl").read_text().splitlines()
+                if (r := json.loads(line))["role"] == "adapter"}
+
+    assert len(adapter_images(tmp_path / "run")) == 8
+    assert adapter_images(tmp_path / "run") == adapter_images(lora_run[0])
+
+
+def test_a_hub_id_missing_from_the_cache_fails_at_once_when_offline(tiny_protocol, tmp_path):
+    """With HF_HUB_OFFLINE=1, a base model that is neither a local folder nor in the hub cache is a clear error
+    before any image, and leaves no run folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, "-m", "kps_bench", "run", "--protocol", str(tiny_protocol), "--base",
+                        "nobody/no-such-model", "--adapter-kind", "none", "--subject", "red-block", "--out",
+                        str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    output = " ".join((r.stdout + r.stderr).split())  # rich wraps lines
+    assert r.returncode == 2, output
+    assert ("Cannot load base model 'nobody/no-such-model': it is not a local folder and not reachable on the hub "
+            "(HF_HUB_OFFLINE is set and the hub cache has no copy). Check the id, or download it and pass the "
+            "folder.") in output
+    assert "Traceback" not in output and not (tmp_path / "run").exists()
+
+
 def _scored_without_base(lora_run, tmp_path, label):
     """The LoRA run's adapter images alone in a manifest: no base image, so preservation (and kps) is undefined."""
     out, _ = lora_run

@@ -16,7 +16,7 @@ from kps_bench.errors import UserError
 from kps_bench.models import LORA_FILE, TI_FILE
 from kps_bench.protocol import load_protocol
 from kps_bench.train import TrainingInterrupted, load_recipe, train
-from kps_bench.train.core import CHECKPOINT_FILE, LOG_FILE, TRAINING_JSON, partial_dir
+from kps_bench.train.core import CHECKPOINT_FILE, LOG_FILE, TRAINING_JSON, logged_rows, partial_dir
 
 FAST = ["steps=4", "resolution=32", "checkpoint_every=2", "gradient_checkpointing=false"]
 
@@ -287,6 +287,18 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, protocol
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     strip = lambda p: [",".join(line.split(",")[:-1]) for line in (p / LOG_FILE).read_text().splitlines()]  # noqa: E731
     assert strip(full) == strip(out)  # every loss term of every step, except the wall-clock column
+
+
+@pytest.mark.parametrize("cut", ["1", "12,0.5", "12,0.5,0.001,\r", "7,0.7\r\n"])
+def test_a_resume_keeps_only_the_complete_log_rows_up_to_its_checkpoint(tmp_path, cut):
+    """A row cut short by a full disk (step 12 cut to "1", or missing fields) is dropped, not kept as a step."""
+    log = tmp_path / LOG_FILE
+    rows = "step,loss,lr,grad_norm\r\n" + "".join(f"{i},0.{i},0.001,1.{i}\r\n" for i in range(1, 12))
+    with open(log, "w", encoding="utf-8", newline="") as f:  # as csv.DictWriter writes it, then the cut row
+        f.write(rows + cut)
+    kept = logged_rows(log, 10)
+    assert [r["step"] for r in kept] == [str(i) for i in range(1, 11)]
+    assert kept[-1] == {"step": "10", "loss": "0.10", "lr": "0.001", "grad_norm": "1.10"}
 
 
 @pytest.mark.parametrize("method, kind", [("cat", "lora"), ("textual-inversion", "textual-inversion"),

@@ -668,10 +668,7 @@ class Trainer:
     def _open_log(self, start: int):
         """A CSV writer of every loss term per step; on resume, rows after the checkpoint are dropped."""
         path = self.work / LOG_FILE
-        kept = []
-        if start and path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start]
+        kept = logged_rows(path, start) if start and path.is_file() else []
         state = {"writer": None, "file": None, "rows": kept}
         self.log_rows = list(kept)  # every row of the run, as logged (strings), across resumes
 
@@ -756,6 +753,15 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped after step {step}")
         self.step = step
+
+
+def logged_rows(path: Path, upto: int) -> list[dict]:
+    """The complete rows of the loss log ``path`` with step <= ``upto``. A row cut short (a full disk, a kill) lacks its
+    line end, and may lack fields or hold a shortened number (step 12 cut to 1), so it is dropped."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.endswith("\n")]
+    rows = csv.DictReader(lines)
+    return [row for row in rows if len(row) == len(rows.fieldnames) and None not in row.values()
+            and row["step"].isdigit() and int(row["step"]) <= upto]
 
 
 def partial_dir(out: Path) -> Path:

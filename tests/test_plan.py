@@ -1,0 +1,71 @@
+"""Planning flags: `run --dry-run` prints the plan and writes nothing; speed flags are recorded and keyed."""
+
+import json
+import math
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from kps_bench.cli import main
+from kps_bench.models import SpeedFlags
+from kps_bench.plan import plan_run
+from kps_bench.protocol import load_protocol
+from kps_bench.run import RunOptions, run_benchmark
+
+
+def listing(folder):
+    """Every path under ``folder``, with the files' modification times."""
+    return {p: p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tiny_protocol, tmp_path):
+    cache = tmp_path / "cache"
+    run_benchmark(load_protocol(str(tiny_protocol)), RunOptions(out=tmp_path / "lora", adapter=str(tiny / "lora"),
+                                                                subjects=("red-block",), device="cpu", cache_dir=cache))
+    before = listing(tmp_path)
+    r = CliRunner().invoke(main, ["run", "--protocol", str(tiny_protocol), "--adapter", str(tiny / "textual-inversion"),
+                                  "--subject", "red-block", "--out", str(tmp_path / "ti"), "--device", "cpu",
+                                  "--cache-dir", str(cache), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    # the lora run left the 4 base images in the cache; textual inversion's 8 adapter images are new;
+    # 4 references + 12 generated images per encoder, 2 trigger-free prompts for CLIP's text encoder
+    for line in ("base images: 0 to generate, 4 already made (run folder or image cache)",
+                 "adapter images: 8 to generate, 0 already made", "clip encoder: 16 images", "dino encoder: 16 images",
+                 "clip text encoder: 2 prompts", "estimated time: "):
+        assert line in r.output
+    assert listing(tmp_path) == before and not (tmp_path / "ti").exists()
+
+
+def test_the_estimate_is_the_calibration_times_the_work(tiny, tiny_protocol, tmp_path):
+    protocol = load_protocol(str(tiny_protocol), ["generation.steps=6", "generation.batch_size=3"])
+    plan = plan_run(protocol, RunOptions(out=tmp_path / "run", adapter=str(tiny / "lora"), subjects=("blue-ball",),
+                                         device="cpu", cache_dir=tmp_path / "cache"))
+    assert plan.new == {"base": 4, "adapter": 8} and plan.reused == {"base": 0, "adapter": 0}
+    c = plan.calibration
+    assert c.batch == 3 and c.call_s >= 0 and c.step_s > 0 and set(c.encode_s) == {"clip", "dino"}
+    assert all(s > 0 for s in c.encode_s.values())
+    calls = math.ceil(4 / 3) + math.ceil(8 / 3)  # 2 base and 3 adapter calls of up to 3 images
+    assert math.isclose(plan.generate_s, calls * (c.call_s + 6 * c.step_s))
+    assert math.isclose(plan.encode_s, 16 * (c.encode_s["clip"] + c.encode_s["dino"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_speed_flags_are_recorded_and_keep_their_images_apart(tiny, tiny_protocol, tmp_path):
+    protocol = load_protocol(str(tiny_protocol), ["prompts=['a {subject}']"])
+    plain = run_benchmark(protocol, RunOptions(out=tmp_path / "plain", adapter_kind="none", subjects=("red-block",),
+                                               device="cpu", cache_dir=tmp_path / "cache"))
+    fast = run_benchmark(protocol, RunOptions(out=tmp_path / "fast", adapter_kind="none", subjects=("red-block",),
+                                              device="cpu", cache_dir=tmp_path / "cache",
+                                              speed=SpeedFlags(channels_last=True, tf32=True)))
+    assert plain["provenance"]["speed"] == {"compile": False, "channels_last": False, "tf32": False}
+    assert fast["provenance"]["speed"] == {"compile": False, "channels_last": True, "tf32": True}
+    # other cache keys: nothing is taken from the plain run's images, whose pixels the flags might move
+    assert fast["provenance"]["images_made"] == {"base": 4} and fast["provenance"]["images_from_cache"] == {"base": 0}
+    rows = {name: {(r["seed"], r["prompt"]): r["path"] for line in (tmp_path / name / "images.jsonl").read_text()
+                   .splitlines() if (r := json.loads(line))["role"] == "base"} for name in ("plain", "fast")}
+    assert rows["plain"].keys() == rows["fast"].keys() and set(rows["plain"].values()).isdisjoint(rows["fast"].values())
+    for k, path in rows["plain"].items():
+        a = np.asarray(Image.open(tmp_path / "plain" / path), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "fast" / rows["fast"][k]), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1  # on a CPU, the same images
