@@ -216,21 +216,71 @@ def test_shipped_check_json_holds_every_gate_and_passes_those_without_adapters()
     assert not failed, failed
 
 
+def _tree_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @needs_world
 @pytest.mark.slow
-def test_world_check_gates_hold_on_the_shipped_weights(tmp_path):
-    """Every gate that needs no training, re-measured at the shipped sample size (the speed gate is timed, so
-    left to `world check`); any failing gate fails the test, and the values are those check.json records."""
-    from kps_bench.world.check import check
+def test_world_check_gates_hold_on_the_shipped_weights_and_never_write_the_package(tmp_path):
+    """Every gate that needs no training, re-measured at the shipped sample size through `kps-bench world check`
+    with the package's world folder read-only (the speed gate is timed, so left to its own run); any failing
+    gate fails the test, the values are those check.json records, and no file of the world changes."""
+    from click.testing import CliRunner
 
-    res = check(WORLD_DIR, n=200, json_path=tmp_path / "check.json")
+    from kps_bench.cli import main
+
+    before = _tree_digest(WORLD_DIR)
+    modes = {p: p.stat().st_mode for p in [WORLD_DIR, *WORLD_DIR.rglob("*")]}
+    for p in modes:
+        p.chmod(modes[p] & ~0o222)
+    try:
+        r = CliRunner().invoke(main, ["world", "check", "--out", str(tmp_path / "check")])
+    finally:
+        for p, m in modes.items():
+            p.chmod(m)
+    assert _tree_digest(WORLD_DIR) == before
+    res = json.loads((tmp_path / "check" / "check.json").read_text())
+    assert r.exit_code == (0 if res["all_passed"] else 1), r.output
     failed = [g for g in res["gates"] if not g["passed"] and not g["gate"].startswith("generation speed")]
     assert not failed, failed
     shipped = {g["gate"]: g["value"] for g in _shipped_gates()}
     for g in res["gates"]:
         if not g["gate"].startswith("generation speed"):
             assert g["value"] == pytest.approx(shipped[g["gate"]], abs=0.02), g
-    assert json.loads((tmp_path / "check.json").read_text())["n"] == 200
+    assert res["n"] == 200
+
+
+@needs_world
+def test_world_card_records_a_check_of_that_world_only(tmp_path):
+    """`world card` copies a check.json into the world folder it measured and rewrites the model card from it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kps_bench.cli import main
+
+    world = tmp_path / "world"
+    for rel in ["build.json", "pipeline/model_index.json", "probe/config.json", "clip/open_clip_config.json",
+                "dino/config.json"]:
+        (world / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(WORLD_DIR / rel, world / rel)
+    result = json.loads((WORLD_DIR / "check.json").read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(result))  # measured the shipped world, not this one
+    r = CliRunner().invoke(main, ["world", "card", "--world", str(world), "--check", str(other)])
+    assert r.exit_code == 2 and "measured the world" in r.output and not (world / "check.json").exists()
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({**result, "world": str(world)}))
+    r = CliRunner().invoke(main, ["world", "card", "--world", str(world), "--check", str(mine)])
+    assert r.exit_code == 0, r.output
+    assert (world / "check.json").read_text() == mine.read_text()
+    card = (world / "MODEL_CARD.md").read_text()
+    first = result["gates"][0]
+    assert first["gate"] in card and f"{first['value']:.3f}" in card
 
 
 def test_a_failing_gate_is_reported_as_failed():

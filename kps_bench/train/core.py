@@ -73,6 +73,8 @@ class Recipe:
     # lora / cat
     rank: int = 1
     alpha: float = 1.0
+    # peft target_modules (module-name suffixes); default: the UNet attention projections, as diffusers' scripts
+    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")
     cat_weight: float = 1.0
     # dreambooth
     prior_loss_weight: float = 1.0
@@ -86,6 +88,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["captions"] = list(self.captions)
+        d["target_modules"] = list(self.target_modules)
         return {k: v for k, v in d.items() if k in allowed_fields(self.method)}
 
     @property
@@ -94,7 +97,7 @@ class Recipe:
 
 
 _METHOD_ONLY = {
-    "rank": ("lora", "cat"), "alpha": ("lora", "cat"), "cat_weight": ("cat",),
+    "rank": ("lora", "cat"), "alpha": ("lora", "cat"), "target_modules": ("lora", "cat"), "cat_weight": ("cat",),
     "prior_loss_weight": ("dreambooth",), "num_class_images": ("dreambooth",), "class_sample_steps": ("dreambooth",),
     "class_guidance_scale": ("dreambooth",), "train_text_encoder": ("dreambooth",),
     "num_vectors": ("textual-inversion",),
@@ -801,6 +804,3 @@ def work_folder(trainer: Trainer):
             shutil.rmtree(trainer.work, ignore_errors=True)
         raise
 
-
-def lora_target_modules() -> list[str]:
-    return ["to_q", "to_k", "to_v", "to_out.0"]

@@ -8,7 +8,7 @@ The output is ``pytorch_lora_weights.safetensors`` written by diffusers' ``save_
 from __future__ import annotations
 
 from ..models import LORA_FILE, sort_safetensors_metadata
-from .core import LOG_FILE, Trainer, lora_target_modules, to_device, work_folder
+from .core import LOG_FILE, Trainer, to_device, work_folder
 
 ADAPTER = "default"
 
@@ -25,7 +25,7 @@ def add_lora(trainer: Trainer):
     to_device(unet, trainer.device, trainer.weight_dtype)
     torch.manual_seed(r.seed)
     unet.add_adapter(LoraConfig(r=r.rank, lora_alpha=r.alpha, init_lora_weights="gaussian",
-                                target_modules=lora_target_modules()), adapter_name=ADAPTER)
+                                target_modules=list(r.target_modules)), adapter_name=ADAPTER)
     cast_training_params(unet, dtype=torch.float32)
     if r.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -52,11 +52,13 @@ def mse(a, b):
 def save_lora(trainer: Trainer, unet) -> list[str]:
     """diffusers' save_lora_weights -> pytorch_lora_weights.safetensors (with the LoRA config as metadata)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet = trainer.accelerator.unwrap_model(unet)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    # peft's key names (lora_A / lora_B), which load_lora_weights reads as they are; diffusers'
+    # convert_state_dict_to_diffusers renames only attention keys, and a LoRA on convolutions saved
+    # through it loads with its convolutions silently dropped
+    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     # the same weights must give the same file bytes (and sha256) in every process: peft keeps
     # target_modules as a set (string-hash order) and safetensors writes the metadata map in hash order
@@ -68,7 +70,7 @@ def save_lora(trainer: Trainer, unet) -> list[str]:
             unet_lora_adapter_metadata=metadata)
         sort_safetensors_metadata(trainer.work / LORA_FILE)
     trainer.extra["lora"] = {"rank": trainer.recipe.rank, "alpha": trainer.recipe.alpha,
-                             "target_modules": lora_target_modules(), "tensors": len(layers)}
+                             "target_modules": list(trainer.recipe.target_modules), "tensors": len(layers)}
     return [LORA_FILE]
 
 

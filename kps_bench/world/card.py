@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kps_bench.errors import UserError
+from kps_bench.rundir import write_text_atomic
+
 from .render import BACKGROUNDS, BASE_COLOURS, OFF_COLOURS, PATTERNS, SHAPES, SIZES
 
 NOTES_FILE = Path(__file__).resolve().parent / "card_notes.yaml"
@@ -152,5 +155,17 @@ def write_model_card(world) -> Path:
     if notes.get("limitations"):
         lines += ["", "## Known limitations", ""] + [f"- {x}" for x in notes["limitations"]]
     p = world / "MODEL_CARD.md"
-    p.write_text("\n".join(lines) + "\n")
+    write_text_atomic(p, "\n".join(lines) + "\n")
     return p
+
+
+def record_check(world, check_json) -> Path:
+    """Copy ``check_json`` (from ``world check``) into ``world`` and rewrite its model card; returns the card.
+    Refuses a check of another world folder."""
+    world, text = Path(world), Path(check_json).read_text()
+    measured = json.loads(text).get("world")
+    if measured is None or Path(measured).resolve() != world.resolve():
+        raise UserError(f"'{check_json}' measured the world '{measured}', not '{world}'. Run 'kps-bench world check "
+                        f"--world {world}' and record that check.json.")
+    write_text_atomic(world / "check.json", text)
+    return write_model_card(world)

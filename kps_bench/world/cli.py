@@ -33,42 +33,56 @@ def build_cmd(out: str, scale: float, no_check: bool, resume: bool, reuse: tuple
 @click.option("--world", "world_dir", default=None, type=click.Path(file_okay=False),
               help="World folder (default: the shipped shapes world).")
 @click.option("--n", default=200, show_default=True, type=int, help="Images per gate.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Write the gates as JSON here (default: <world>/check.json).")
+@click.option("--out", "out", default="kps-bench-world-check", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for check.json and, with --adapters, the adapters and runs (a second check reuses them). "
+                   "The world folder itself is never written.")
 @click.option("--adapters", is_flag=True,
               help="Also the adapter gates: train every method on the evaluation subjects with the shipped recipes "
                    "(about 15 min on 2 cores).")
-@click.option("--out", "adapters_out", default="kps-bench-world-check", show_default=True,
-              type=click.Path(file_okay=False),
-              help="With --adapters: folder for the adapters and runs (a second check reuses them).")
-def check_cmd(world_dir: str | None, n: int, json_path: str | None, adapters: bool, adapters_out: str) -> None:
-    """Measure and print the quality gates of the shapes world (and write them as JSON)."""
-    import os
+def check_cmd(world_dir: str | None, n: int, out: str, adapters: bool) -> None:
+    """Measure and print the quality gates of the shapes world into OUT/check.json (exit 1 if one fails)."""
+    from pathlib import Path
+
+    from kps_bench.rundir import check_writable
+
+    from .check import check
+
+    w = world_folder(world_dir)
+    out_dir = Path(out)
+    check_writable(out_dir)
+    res = check(w, n=n, json_path=out_dir / "check.json", log=click.echo,
+                adapters_out=out_dir if adapters else None)
+    click.echo(f"wrote {out_dir / 'check.json'}")
+    if not res["all_passed"]:
+        raise SystemExit(1)
+
+
+@world.command("card")
+@click.option("--world", "world_dir", required=True, type=click.Path(file_okay=False),
+              help="World folder to write check.json and MODEL_CARD.md into (a build output, or the repository's "
+                   "kps_bench/world/shapes-world when shipping new measurements).")
+@click.option("--check", "check_json", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="check.json written by 'kps-bench world check --world <the same folder>'.")
+def card_cmd(world_dir: str, check_json: str) -> None:
+    """Record a check's measurements in a world folder: copy check.json and rewrite its MODEL_CARD.md."""
+    from .card import record_check
+
+    click.echo(f"wrote {record_check(world_folder(world_dir), check_json)}")
+
+
+def world_folder(world_dir: str | None):
+    """``world_dir`` (default: the shipped world), checked to be a folder written by ``world build``."""
     from pathlib import Path
 
     from kps_bench.errors import UserError
 
     from . import WORLD_DIR
-    from .check import check
 
     w = Path(world_dir) if world_dir else WORLD_DIR
     for sub in ["pipeline/model_index.json", "probe/config.json", "clip/open_clip_config.json", "dino/config.json"]:
         if not (w / sub).exists():
             raise UserError(f"{w / sub} is missing: --world must be a folder written by 'kps-bench world build --out DIR'")
-    if json_path is None:
-        json_path = str(w / "check.json")
-        if not os.access(w, os.W_OK):
-            click.echo(f"{w} is not writable; not writing check.json (use --json FILE)")
-            json_path = None
-    res = check(w, n=n, json_path=json_path, log=click.echo, adapters_out=adapters_out if adapters else None)
-    if json_path:
-        click.echo(f"wrote {json_path}")
-        if Path(json_path).resolve() == (w / "check.json").resolve():
-            from .card import write_model_card
-
-            click.echo(f"wrote {write_model_card(w)}")
-    if not res["all_passed"]:
-        raise SystemExit(1)
+    return w
 
 
 @world.command("truth")
