@@ -134,12 +134,18 @@ def run_state(out: Path) -> str:
             f"{', lock file' if '.kps-bench.lock' in left else ''}{', results.json' if (out / 'results.json').is_file() else ''}")
 
 
-def compare_runs(ref: Path, got: Path) -> list[str]:
+def file_sets(ref: Path, got: Path) -> tuple[list[str], list[Path]]:
+    """Problems with which files ``got`` holds (temporaries, missing, extra) and the files both hold."""
     problems = [f"left behind: {p.relative_to(got)}" for p in temporaries(got)]
     files = {p.relative_to(ref) for p in ref.rglob("*") if p.is_file()}
     have = {p.relative_to(got) for p in got.rglob("*") if p.is_file() and not p.name.startswith(".")}
     problems += [f"missing: {p}" for p in sorted(files - have)] + [f"extra: {p}" for p in sorted(have - files)]
-    for rel in sorted(files & have):
+    return problems, sorted(files & have)
+
+
+def compare_runs(ref: Path, got: Path) -> list[str]:
+    problems, common = file_sets(ref, got)
+    for rel in common:
         if rel.name == "results.json":
             a, b = (json.loads((d / rel).read_text()) for d in (ref, got))
             a.pop("provenance"), b.pop("provenance")
@@ -171,12 +177,9 @@ def train_state(out: Path) -> str:
 
 
 def compare_trainings(ref: Path, got: Path) -> list[str]:
-    problems = [f"left behind: {p.name}" for p in got.parent.glob(f"*{got.name}*") if p.name != got.name]
-    problems += [f"left behind: {p.relative_to(got)}" for p in temporaries(got)]
-    files = {p.relative_to(ref) for p in ref.rglob("*") if p.is_file()}
-    have = {p.relative_to(got) for p in got.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    problems += [f"missing: {p}" for p in sorted(files - have)] + [f"extra: {p}" for p in sorted(have - files)]
-    for rel in sorted(files & have):
+    problems, common = file_sets(ref, got)
+    problems = [f"left behind: {p.name}" for p in got.parent.glob(f"*{got.name}*") if p.name != got.name] + problems
+    for rel in common:
         if rel.name == "training.json":
             a, b = (json.loads((d / rel).read_text()) for d in (ref, got))
             for d in (a, b):
