@@ -17,7 +17,7 @@ from .subjects import SUBJECTS, reference_images
 
 SEEDS = {"base_data": 1, "probe_data": 2, "heldout": 3, "subjects": 0, "vae": 10, "probe": 11, "t2i": 12,
          "clip": 13, "dino": 14}
-STEPS = {"vae": 2500, "probe": 1500, "t2i": 6000, "clip": 1500, "dino": 800}
+STEPS = {"vae": 2500, "probe": 2000, "t2i": 6000, "clip": 1500, "dino": 800}
 N_BASE, N_WIDE = 40000, 30000
 STAGES = ("vae", "t2i", "probe", "clip", "dino")
 #: What each stage writes, relative to the world folder (a reused stage is copied from there).

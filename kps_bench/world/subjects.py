@@ -54,6 +54,10 @@ SUBJECTS = [
     Subject("red-triangle", "triangle", "qlo", "red", "dotted", "white", "evaluation"),
     Subject("green-cross", "cross", "vbt", "green", "striped", "white", "development"),
     Subject("yellow-square", "square", "pmq", "yellow", "checkered", "white", "development"),
+    # round development subjects: CAT's trigger images lose their shape on round subjects, which the cross and
+    # the square did not show (issue #13)
+    Subject("blue-circle", "circle", "dqv", "blue", "checkered", "white", "development"),
+    Subject("pink-heart", "heart", "hjy", "pink", "dotted", "black", "development"),
 ]
 
 

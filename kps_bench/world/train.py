@@ -17,6 +17,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default (OpenAI) 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_LEN = 24  # tokens (tokenizer model_max_length == text encoder max_position_embeddings)
 LATENT_CH = 4
+PROBE_SHIFT_P = 0.35  # fraction of probe batches with a colour shift (0.5 cost held-out shape accuracy)
 PROBE_COLOUR_SHIFT = 0.12  # probe colour augmentation: up to ~31 RGB units per channel (palette colours are >= 82 apart)
 
 
@@ -212,7 +213,7 @@ def train_probe(images: np.ndarray, fs: list[Factors], steps: int, seed: int, re
                 x = _to_float(images[idx])
             if g.random() < 0.5:
                 x = _blur_noise(x, g)
-            if g.random() < 0.5:
+            if g.random() < PROBE_SHIFT_P:
                 x = _colour_shift(x, g)
             with _bf16():
                 out = m(x)
