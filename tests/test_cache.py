@@ -165,3 +165,36 @@ def test_temporaries_that_killed_writers_left_in_the_cache_are_removed_after_an_
     assert "removed 3 temporary file(s) that interrupted writers left in the image cache" in r.output
     assert not any(p.exists() for p in stale) and readable_image(entry)
     assert not [p for p in cache.root.rglob(".*") if p.is_file()]
+
+
+def test_a_dead_writers_temporary_is_removed_at_once_a_live_or_foreign_ones_stay(tmp_path):
+    """A temporary names its writer (PID and host): one of an ended process of this host is removed by the next
+    cleanup whatever its age (a kill during DreamBooth's class images left one in the soak); those of a running
+    process, of this process and of another host stay until they are an hour old."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    from kps_bench.rundir import atomic_path, remove_stale_temporaries, temporary_prefix
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "c.png"
+        mine = Path(str(tmp_path / temporary_prefix(target)) + "a1b2c3.tmp.png")
+        dead = Path(str(mine).replace(f".w{os.getpid()}@", f".w{ended.pid}@"))
+        live = Path(str(mine).replace(f".w{os.getpid()}@", f".w{running.pid}@"))
+        host = mine.name.split("@")[1].split(".")[0]
+        foreign = Path(str(dead).replace(f"@{host}.", "@another-host."))
+        for p in (mine, dead, live, foreign):
+            p.write_bytes(b"\x89PNG")
+        assert remove_stale_temporaries(tmp_path, 3600) == 1
+        assert not dead.exists() and mine.exists() and live.exists() and foreign.exists()
+        with atomic_path(target) as tmp:  # the atomic writer's and the cache's temporaries carry the tag
+            assert tmp.name.startswith(f".c.png.w{os.getpid()}@{host}.") and tmp.name.endswith(".tmp.png")
+    finally:
+        running.kill()
+        running.wait()
+    assert remove_stale_temporaries(tmp_path, 3600) == 1 and not live.exists()
