@@ -265,13 +265,18 @@ def plot(run_dirs, out, allow_mixed):
 @main.command("tiny-models")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tiny models to.")
 @click.option("--force", is_flag=True, help="Write into --out even if it already holds files (they may be overwritten).")
-def tiny_models(out, force):
+@click.option("--sdxl", is_flag=True, help="Also write a tiny SDXL pipeline (sdxl/pipeline), a LoRA for it (sdxl/lora), "
+              "a two-encoder textual-inversion embedding (sdxl/textual-inversion) and their protocol tiny-sdxl.yaml.")
+def tiny_models(out, force, sdxl):
     """Write tiny random models and a protocol that uses them (for trying the plumbing; numbers are noise)."""
     from .tiny import build_all
 
-    path = build_all(out, force)
-    click.echo(f"Wrote tiny models and protocol {path}. Try:\n  kps-bench run --protocol {path} --adapter "
-               f"{Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
+    paths = build_all(out, force, sdxl)
+    click.echo(f"Wrote tiny models and protocol(s) {', '.join(map(str, paths))}. Try:\n  kps-bench run --protocol "
+               f"{paths[0]} --adapter {Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
+    if sdxl:
+        click.echo(f"  kps-bench run --protocol {paths[1]} --adapter {Path(out) / 'sdxl' / 'lora'} --subject red-block "
+                   f"--out {Path(out) / 'run-sdxl'}")
 
 
 @main.command()

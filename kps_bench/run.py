@@ -17,6 +17,7 @@ from .cache import ImageCache
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError, stop_when_disk_full
 from .evaluate import compute_results
+from .family import base_family
 from .generate import Job, Plan, check_plan_size, generate, is_cached, job_records, oom_guard
 from .lock import RUN_LOCK, exclusive
 from .models import (AdapterInfo, LoadedModel, SpeedFlags, apply_adapter, check_adapter_fits, load_pipeline,
@@ -289,7 +290,9 @@ def prepare(protocol: Protocol, opts: RunOptions, timings: Timings) -> Setup:
         base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"), device, g.dtype,
                              g.scheduler, opts.allow_unsafe_pickle)
         opts.speed.apply(base.pipe)
-    check_adapter_fits(base.pipe, adapter, [s.trigger for s in subjects], opts.allow_unsafe_pickle)
+    if warning := base_family(base.pipe).resolution_warning(g.resolution):
+        console.print(f"[yellow]warning:[/] {warning}")
+    adapter.targets = check_adapter_fits(base.pipe, adapter, [s.trigger for s in subjects], opts.allow_unsafe_pickle)
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
     plan = Plan(protocol, subjects, base.identity, adapter_id, device.split(":")[0], opts.speed.enabled)
     return Setup(adapter, subjects, device, cache, encoders, base, plan, opts.batch_size or g.batch_size)
