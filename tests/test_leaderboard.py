@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+from kps_bench.cli import main
 from kps_bench.errors import UserError
 from kps_bench.evaluate import SubjectStats
 from kps_bench.figures import grid, plot
@@ -189,6 +191,10 @@ def test_rows_over_different_subjects_are_refused_unless_allowed_and_then_marked
     md = render([table], "md")
     assert "| lora (partial) |" in md and "(partial): a mean over fewer subjects than the other rows'." in md
     assert {r["partial"] for r in csv.DictReader(io.StringIO(render([table], "csv")))} == {"True", "False"}
+    args = ["leaderboard", str(runs / "base"), str(runs / "lora-red-block"), "--resamples", "20"]
+    refused, allowed = CliRunner().invoke(main, args), CliRunner().invoke(main, args + ["--allow-partial"])
+    assert refused.exit_code == 2 and "'lora' lacks blue-ball" in refused.output
+    assert allowed.exit_code == 0 and "| lora (partial) |" in allowed.output
 
 
 def test_json_rows_keep_their_own_image_counts(runs):
