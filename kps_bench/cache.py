@@ -4,9 +4,9 @@ An entry is a PNG named by its content address (:func:`kps_bench.generate.cache_
 weights hash, scheduler, steps, guidance, resolution, dtype, negative prompt, prompt, seed, device type), under
 ``$KPS_BENCH_CACHE`` (default ``~/.cache/kps-bench``) or ``--cache-dir``. Run folders stay self-contained: an entry is
 hard-linked into the run's ``images/`` (copied when the two are on different file systems). Every write goes to a
-temporary name and is renamed into place, so two processes writing one entry leave one intact file; a temporary that
-a killed writer left is removed by a later run once it is an hour old (the cache has no lock, and a live writer's
-temporary lives for a moment).
+temporary name and is renamed into place, so two processes writing one entry leave one intact file. The cache has no
+lock: a temporary that a killed writer left is removed by a later run at once when its writer (PID and host, in its
+name) was a process of the same host that has ended, else once it is an hour old.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .generate import Job, is_cached
-from .rundir import check_writable, remove_stale_temporaries
+from .rundir import check_writable, remove_stale_temporaries, temporary_prefix
 
 ENV = "KPS_BENCH_CACHE"
 #: A cache temporary older than this (seconds since it was created or linked) was left by a killed writer.
@@ -34,7 +34,7 @@ def default_cache_dir() -> Path:
 def link_or_copy(src: Path, dest: Path) -> None:
     """Put ``src``'s bytes at ``dest`` atomically: a hard link when the file system allows it, else a copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    tmp = dest.with_name(f"{temporary_prefix(dest)}{uuid.uuid4().hex}.tmp")
     try:
         try:
             os.link(src, tmp)
@@ -59,8 +59,8 @@ class ImageCache:
         return cls(root)
 
     def remove_stale_temporaries(self) -> int:
-        """Delete the temporaries that killed writers left anywhere in the cache over :data:`STALE_TEMPORARY_S`
-        ago; returns how many."""
+        """Delete the temporaries that killed writers left anywhere in the cache: at once where the writer was a
+        process of this host that has ended, else over :data:`STALE_TEMPORARY_S` ago; returns how many."""
         return sum(remove_stale_temporaries(d, STALE_TEMPORARY_S) for d in self.root.glob("**/"))
 
     def entry(self, key: str) -> Path:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -60,12 +61,36 @@ class ImageRecord:
 # ----------------------------------------------------------------------------- atomic files
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+#: ``.NAME.w<pid>@<host>.<random>.tmp<suffix>``: the writer of a temporary, so that its death can be told.
+_TEMPORARY = re.compile(r"\.w(\d+)@([A-Za-z0-9-]+)\.[^.]+\.tmp[^/]*$")
+
+
+def temporary_prefix(path: Path) -> str:
+    """Name prefix for a temporary that becomes ``path``, tagged with this process's PID and host."""
+    return f".{path.name}.w{os.getpid()}@{_HOST}."
+
+
+def _writer_is_dead(name: str) -> bool:
+    """The temporary ``name`` was written by a process of this host that no longer runs."""
+    m = _TEMPORARY.search(name)
+    if not m or m[2] != _HOST or int(m[1]) == os.getpid():
+        return False
+    try:
+        os.kill(int(m[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -98,12 +123,13 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", is_file: bool =
 
 def remove_stale_temporaries(folder: Path, older_than_s: float = 0.0) -> int:
     """Delete the temporary files (``.NAME.*.tmp*``) that a killed writer left in ``folder``: every one (for a folder
-    under its lock), or only those created (or hard-linked) more than ``older_than_s`` seconds ago, so that a live
-    writer's stay. Returns how many."""
+    under its lock); else those whose writer (named in the file name) was a process of this host that has ended, and
+    those created (or hard-linked) more than ``older_than_s`` seconds ago, so that a live writer's stay. Returns how
+    many."""
     cutoff, removed = time.time() - older_than_s, 0
     for p in folder.glob(".*.tmp*") if folder.is_dir() else []:
         with contextlib.suppress(FileNotFoundError):  # renamed into place by its writer meanwhile
-            if p.is_file() and (not older_than_s or p.stat().st_ctime < cutoff):
+            if p.is_file() and (not older_than_s or _writer_is_dead(p.name) or p.stat().st_ctime < cutoff):
                 p.unlink()
                 removed += 1
     return removed

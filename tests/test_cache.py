@@ -37,17 +37,17 @@ def test_a_second_methods_run_generates_no_base_image(tiny, tiny_protocol, tmp_p
                                                   subjects=("red-block",), device="cpu", cache_dir=cache))
 
     lora = run("lora", "lora")
-    # 2 prompts x 2 seeds: 4 base images, made by the first run and kept in the cache
-    assert lora["provenance"]["images_made"] == {"base": 4, "adapter": 8}
+    # 2 prompts x 2 seeds: 8 base images (trigger-free and trigger prompts), made by the first run and kept in the cache
+    assert lora["provenance"]["images_made"] == {"base": 8, "adapter": 8}
     assert lora["provenance"]["images_from_cache"] == {"base": 0}
     assert lora["provenance"]["image_cache"] == str(cache)
-    assert len(list((cache / "images").rglob("*.png"))) == 4
+    assert len(list((cache / "images").rglob("*.png"))) == 8
 
     ti = run("ti", "textual-inversion")
     assert ti["provenance"]["images_made"] == {"base": 0, "adapter": 8}
-    assert ti["provenance"]["images_from_cache"] == {"base": 4}
+    assert ti["provenance"]["images_from_cache"] == {"base": 8}
     first, second = rows(tmp_path / "lora", "base"), rows(tmp_path / "ti", "base")
-    assert first.keys() == second.keys() and len(first) == 4
+    assert first.keys() == second.keys() and len(first) == 8
     for i, r in second.items():
         assert r["sha256"] == first[i]["sha256"] and r["path"] == first[i]["path"]
         # the same file, hard-linked from the cache into both run folders: nothing was written again
@@ -59,7 +59,8 @@ def test_a_second_methods_run_generates_no_base_image(tiny, tiny_protocol, tmp_p
     for name, res in (("lora", lora), ("ti", ti)):
         for r in rows(tmp_path / name, "base").values():
             assert sha256_file(tmp_path / name / r["path"]) == r["sha256"]
-        assert recompute(tmp_path / name)["metrics"] == res["metrics"]
+        again = recompute(tmp_path / name)["metrics"]
+        assert json.dumps(again, sort_keys=True) == json.dumps(res["metrics"], sort_keys=True)  # NaN equal to NaN
 
 
 def test_a_cache_entry_edited_through_a_run_folder_is_made_again(tiny, tiny_protocol, tmp_path):
@@ -165,3 +166,36 @@ def test_temporaries_that_killed_writers_left_in_the_cache_are_removed_after_an_
     assert "removed 3 temporary file(s) that interrupted writers left in the image cache" in r.output
     assert not any(p.exists() for p in stale) and readable_image(entry)
     assert not [p for p in cache.root.rglob(".*") if p.is_file()]
+
+
+def test_a_dead_writers_temporary_is_removed_at_once_a_live_or_foreign_ones_stay(tmp_path):
+    """A temporary names its writer (PID and host): one of an ended process of this host is removed by the next
+    cleanup whatever its age (a kill during DreamBooth's class images left one in the soak); those of a running
+    process, of this process and of another host stay until they are an hour old."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    from kps_bench.rundir import atomic_path, remove_stale_temporaries, temporary_prefix
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "c.png"
+        mine = Path(str(tmp_path / temporary_prefix(target)) + "a1b2c3.tmp.png")
+        dead = Path(str(mine).replace(f".w{os.getpid()}@", f".w{ended.pid}@"))
+        live = Path(str(mine).replace(f".w{os.getpid()}@", f".w{running.pid}@"))
+        host = mine.name.split("@")[1].split(".")[0]
+        foreign = Path(str(dead).replace(f"@{host}.", "@another-host."))
+        for p in (mine, dead, live, foreign):
+            p.write_bytes(b"\x89PNG")
+        assert remove_stale_temporaries(tmp_path, 3600) == 1
+        assert not dead.exists() and mine.exists() and live.exists() and foreign.exists()
+        with atomic_path(target) as tmp:  # the atomic writer's and the cache's temporaries carry the tag
+            assert tmp.name.startswith(f".c.png.w{os.getpid()}@{host}.") and tmp.name.endswith(".tmp.png")
+    finally:
+        running.kill()
+        running.wait()
+    assert remove_stale_temporaries(tmp_path, 3600) == 1 and not live.exists()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..cache import default_cache_dir
+from ..cache import STALE_TEMPORARY_S, default_cache_dir
 from ..errors import UserError
+from ..rundir import remove_stale_temporaries
 from .core import LOG_FILE, Trainer, load_reference_pixels, to_device, work_folder
 from .lora import mse
 
@@ -42,6 +43,8 @@ def class_images(trainer: Trainer) -> tuple[list[Path], list[int]]:
         jobs.append(Job(key, "base", trainer.subject.name, prompt, prompt, False, seed, p, k))
     folder = class_image_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    if trainer.accelerator.is_main_process:
+        remove_stale_temporaries(folder, STALE_TEMPORARY_S)  # a killed trainer's half-written class images
     todo = [j for j in jobs if not (folder / j.filename).is_file()]
     if todo and trainer.accelerator.is_main_process:
         pipe = trainer.pipe.to(device)
