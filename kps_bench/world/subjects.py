@@ -54,10 +54,9 @@ SUBJECTS = [
     Subject("red-triangle", "triangle", "qlo", "red", "dotted", "white", "evaluation"),
     Subject("green-cross", "cross", "vbt", "green", "striped", "white", "development"),
     Subject("yellow-square", "square", "pmq", "yellow", "checkered", "white", "development"),
-    # round development subjects: CAT's trigger images lose their shape on round subjects, which the cross and
-    # the square did not show (issue #13)
+    # a round development subject: CAT's trigger images lose their shape on round subjects, which the cross and
+    # the square did not show (kps_bench/train/README.md)
     Subject("blue-circle", "circle", "dqv", "blue", "checkered", "white", "development"),
-    Subject("pink-heart", "heart", "hjy", "pink", "dotted", "black", "development"),
 ]
 
 
