@@ -119,7 +119,9 @@ def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype
 
         click.echo(plan_run(protocol, opts).text())
         return
-    _print_summary(run_benchmark(protocol, opts), out)
+    results = run_benchmark(protocol, opts)
+    if results is not None:  # None on the ranks other than 0 under a launcher
+        _print_summary(results, out)
 
 
 @main.command()
@@ -143,7 +145,8 @@ def score(manifest, protocol_name, out, device, label, allow_outside_paths, allo
     protocol = _protocol(protocol_name, sets)
     results = score_manifest(protocol, Path(manifest), Path(out), device, label, allow_unsafe_pickle,
                              allow_outside_paths)
-    _print_summary(results, out)
+    if results is not None:  # None on the ranks other than 0 under a launcher
+        _print_summary(results, out)
 
 
 def _print_summary(results: dict, out) -> None:
