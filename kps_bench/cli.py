@@ -290,13 +290,16 @@ def tiny_models(out, force):
               help="Recipe override applied to every method, e.g. --train-set steps=20 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
-def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir):
+@click.option("--jobs", type=int, help="Trainings and evaluations at once, each in a process pinned to one GPU "
+              "(CUDA_VISIBLE_DEVICES) or on the CPU. Default: one per visible GPU with CUDA, else 1. Their logs go "
+              "to OUT/logs/.")
+def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir, jobs):
     """Train CAT, LoRA, DreamBooth and textual inversion on the shapes world, evaluate, and write the leaderboard."""
     from .demo import DemoOptions, run_demo
 
     opts = DemoOptions(out=Path(out), protocol=protocol_name, subjects=tuple(subjects), protocol_overrides=tuple(sets),
                        train_overrides=tuple(train_sets), device=device,
-                       cache_dir=Path(cache_dir) if cache_dir else None)
+                       cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs)
     if methods:
         opts.methods = tuple(methods)
     result = run_demo(opts)
