@@ -18,6 +18,7 @@ left out together with its partner, and each metric counts the images it left ou
 from __future__ import annotations
 
 from collections import Counter
+from functools import cache
 from dataclasses import dataclass, field
 
 import torch
@@ -104,9 +105,10 @@ def subject_stats(records: list[ImageRecord], emb: dict[str, torch.Tensor], subj
     all_refs = [r for r in rows if r.role == "reference"]
     refs = [r for r in all_refs if r.valid]
     left_out = Counter({"reference": len(all_refs) - len(refs)})
+    ref = cache(lambda kind: _stack(emb, kind, refs))  # the references' embeddings, stacked once per subject
     fixed = {}
     if "identity_ceiling" in need:
-        r = _stack(emb, "clip", refs) if refs else torch.zeros(0, 1)
+        r = ref("clip") if refs else torch.zeros(0, 1)
         sims = M.off_diagonal(M.similarity01(M.cosine_matrix(r, r)))
         fixed["identity_ceiling"] = (float(sims.sum()), sims.numel())
     prompt_ids = sorted({r.prompt_index for r in rows if r.role != "reference"})
@@ -131,17 +133,18 @@ def subject_stats(records: list[ImageRecord], emb: dict[str, torch.Tensor], subj
             left_out[f"base_{kind}"] += len(base) - len(sets[f"base_{kind}"])
             left_out[f"adapter_{kind}"] += len(adapt) - len(sets[f"adapter_{kind}"])
         trig = sets["adapter_trigger"]
-        if trig and "clip_t" in need:
-            add(j, "clip_t", M.cosine_matrix(_stack(emb, "clip", trig), emb[f"clip_text/{subject}/{p}"][None]).flatten())
-        if refs and trig and need & {"clip_i", "identity"}:
-            cos = M.cosine_matrix(_stack(emb, "clip", trig), _stack(emb, "clip", refs)).flatten()
+        trig_clip = _stack(emb, "clip", trig) if trig and need & {"clip_t", "clip_i", "identity"} else None
+        if trig_clip is not None and "clip_t" in need:
+            add(j, "clip_t", M.cosine_matrix(trig_clip, emb[f"clip_text/{subject}/{p}"][None]).flatten())
+        if refs and trig_clip is not None and need & {"clip_i", "identity"}:
+            cos = M.cosine_matrix(trig_clip, ref("clip")).flatten()
             add(j, "clip_i", cos)
             add(j, "identity", M.similarity01(cos))
         if refs and trig and "dino" in need:
-            add(j, "dino", M.cosine_matrix(_stack(emb, "dino", trig), _stack(emb, "dino", refs)).flatten())
+            add(j, "dino", M.cosine_matrix(_stack(emb, "dino", trig), ref("dino")).flatten())
         if refs and sets["base_trigger"] and "identity_base" in need:
             add(j, "identity_base", M.similarity01(M.cosine_matrix(_stack(emb, "clip", sets["base_trigger"]),
-                                                                   _stack(emb, "clip", refs)).flatten()))
+                                                                   ref("clip")).flatten()))
         base, adapt = sets["base_free"], sets["adapter_free"]
         pairs = _seed_pairs(base, adapt)
         if pairs and "preservation" in need:
@@ -218,17 +221,18 @@ def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], me
 
 def undefined_gains(point: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """A warning per subject (``point``: subject -> its metric values) whose gain is NaN because its denominator
-    (ceiling - chance level) is at most :data:`kps_bench.metrics.MIN_SPAN`."""
+    (ceiling - chance level) is at most :data:`kps_bench.metrics.MIN_SPAN`. A gain's registry inputs are (value,
+    chance level[, ceiling]); without a ceiling it is 1."""
     out = []
     for s, v in point.items():
-        for name, chance, ceiling in (("identity_gain", "identity_base", "identity_ceiling"),
-                                      ("preservation_gain", "preservation_floor", None)):
-            if name not in v:
+        for m in R.METRICS.values():
+            if m.formula not in ("gain", "preservation_gain") or m.name not in v:
                 continue
+            chance, ceiling = m.inputs[1], (m.inputs[2] if len(m.inputs) > 2 else None)
             span = (float(v[ceiling]) if ceiling else 1.0) - float(v[chance])
             if span <= M.MIN_SPAN:
                 top = ceiling or "1"
-                out.append(f"{name} of subject '{s}' is undefined (NaN): {top} - {chance} = {span:.4f} <= "
+                out.append(f"{m.name} of subject '{s}' is undefined (NaN): {top} - {chance} = {span:.4f} <= "
                            f"{M.MIN_SPAN}, so there is no room between the chance level and the ceiling to measure a "
                            f"gain in.")
     return out
