@@ -69,6 +69,8 @@ def _protocol(name, sets):
 
 
 SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set subjects.0.trigger=zwx (repeatable)."
+PARTIAL_HELP = ("List rows that average over fewer subjects (methods, with --group-by subject) than the others, marked "
+                "'(partial)', instead of refusing.")
 CACHE_HELP = ("Image cache shared by runs, so base images are made once for every method (default: $KPS_BENCH_CACHE, "
               "else ~/.cache/kps-bench). Run folders get hard links (or copies) of its images.")
 
@@ -154,8 +156,9 @@ def _print_summary(results: dict, out) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    names = [k for k in ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio",
-                         "vendi_ratio") if k in results["overall"]]
+    from .registry import COLUMNS
+
+    names = [k for k in COLUMNS if k in results["overall"]]
     columns = list(results["metrics"].items()) + [("overall", results["overall"])]
     table = Table(title=f"kps-bench results (kps_version {results['kps_version']})")
     table.add_column("metric")
@@ -165,8 +168,8 @@ def _print_summary(results: dict, out) -> None:
         table.add_row(n, *[f"{m[n]['value']:.4f} [{m[n]['ci_low']:.3f}, {m[n]['ci_high']:.3f}]" for _, m in columns])
     Console().print(table)
     counts = results["counts"]
-    click.echo(f"images: {counts['reference']} reference, {counts['base']} base, {counts['adapter']} adapter; "
-               f"{counts['flagged']} flagged (NaN/black). Written to {out}/results.json")
+    click.echo(f"image files: {counts['reference']} reference, {counts['generated']} generated ({counts['base']} base, "
+               f"{counts['adapter']} adapter); {counts['flagged']} flagged (NaN/black). Written to {out}/results.json")
 
 
 @main.group()
@@ -222,16 +225,18 @@ def protocols_validate(path):
               help="Markdown, CSV, LaTeX tabular, or JSON (one row per method and metric).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
 @click.option("--allow-mixed", is_flag=True, help="Put runs of different protocols in separate tables instead of refusing.")
+@click.option("--allow-partial", is_flag=True, help=PARTIAL_HELP)
 @click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, resamples, seed):
+def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, allow_partial, resamples, seed):
     """Turn run directories into a leaderboard with 95% CIs, ranks and significance."""
     from .leaderboard import build_tables, load_run, render
     from .rundir import check_writable, write_text_atomic
 
     if out:
         check_writable(out, is_file=True)
-    tables = build_tables([load_run(d) for d in run_dirs], group_by, reference, allow_mixed, resamples, seed)
+    tables = build_tables([load_run(d) for d in run_dirs], group_by, reference, allow_mixed, resamples, seed,
+                          allow_partial=allow_partial)
     text = render(tables, fmt)
     if out:
         write_text_atomic(out, text)
@@ -257,24 +262,31 @@ def grid(run_dirs, out, prompts, seeds):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Image to write (.png, .pdf or .svg).")
 @click.option("--allow-mixed", is_flag=True, help="Plot only the first protocol's table when runs mix protocols.")
-def plot(run_dirs, out, allow_mixed):
+@click.option("--allow-partial", is_flag=True, help=PARTIAL_HELP)
+def plot(run_dirs, out, allow_mixed, allow_partial):
     """Identity against preservation, one point per method with CI bars, and iso-KPS curves."""
     from .figures import plot as make_plot
     from .leaderboard import build_tables, load_run
 
-    click.echo(f"Wrote {make_plot(build_tables([load_run(d) for d in run_dirs], allow_mixed=allow_mixed)[0], out)}")
+    tables = build_tables([load_run(d) for d in run_dirs], allow_mixed=allow_mixed, allow_partial=allow_partial)
+    click.echo(f"Wrote {make_plot(tables[0], out)}")
 
 
 @main.command("tiny-models")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the tiny models to.")
 @click.option("--force", is_flag=True, help="Write into --out even if it already holds files (they may be overwritten).")
-def tiny_models(out, force):
+@click.option("--sdxl", is_flag=True, help="Also write a tiny SDXL pipeline (sdxl/pipeline), a LoRA for it (sdxl/lora), "
+              "a two-encoder textual-inversion embedding (sdxl/textual-inversion) and their protocol tiny-sdxl.yaml.")
+def tiny_models(out, force, sdxl):
     """Write tiny random models and a protocol that uses them (for trying the plumbing; numbers are noise)."""
     from .tiny import build_all
 
-    path = build_all(out, force)
-    click.echo(f"Wrote tiny models and protocol {path}. Try:\n  kps-bench run --protocol {path} --adapter "
-               f"{Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
+    paths = build_all(out, force, sdxl)
+    click.echo(f"Wrote tiny models and protocol(s) {', '.join(map(str, paths))}. Try:\n  kps-bench run --protocol "
+               f"{paths[0]} --adapter {Path(out) / 'lora'} --subject red-block --out {Path(out) / 'run'}")
+    if sdxl:
+        click.echo(f"  kps-bench run --protocol {paths[1]} --adapter {Path(out) / 'sdxl' / 'lora'} --subject red-block "
+                   f"--out {Path(out) / 'run-sdxl'}")
 
 
 @main.command()

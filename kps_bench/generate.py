@@ -76,7 +76,7 @@ def check_plan_size(protocol: Protocol, subjects: list[Subject], with_adapter: b
     from .ui import console
 
     g = protocol.generation
-    per_seed = 3 if with_adapter else 2  # base (= adapter, without one) on the trigger-free prompt; adapter on both
+    per_seed = 4 if with_adapter else 2  # base and adapter (= base, without one), each on both prompts
     prompts = sum(len(protocol.prompts_for(s)) for s in subjects)
     n = prompts * g.images_per_prompt * per_seed
     most = n * (3 * g.resolution ** 2 + 4096)  # an 8-bit RGB PNG is at most its raw pixels plus headers
@@ -97,8 +97,9 @@ def check_plan_size(protocol: Protocol, subjects: list[Subject], with_adapter: b
 
 @dataclass(frozen=True)
 class Plan:
-    """The images of a run: base images on trigger-free prompts, and adapter images on trigger-free and trigger
-    prompts, seed-paired. Jobs are made as they are asked for, so a plan of any size takes little memory."""
+    """The images of a run: base and adapter images on trigger-free and trigger prompts, seed-paired (the base
+    model's trigger images are the chance level of identity). Jobs are made as they are asked for, so a plan of any
+    size takes little memory."""
 
     protocol: Protocol
     subjects: list[Subject]
@@ -108,7 +109,8 @@ class Plan:
     speed: tuple[str, ...] = ()
 
     def jobs(self) -> Iterator[Job]:
-        """Every job, in the run's order: subject, prompt, image, then base, adapter trigger-free, adapter trigger."""
+        """Every job, in the run's order: subject, prompt, image, then base trigger-free, base trigger, adapter
+        trigger-free, adapter trigger."""
         for s in self.subjects:
             for p in range(len(self.protocol.prompts_for(s))):
                 for k in range(self.protocol.generation.images_per_prompt):
@@ -138,6 +140,7 @@ class Plan:
         return [Job(cache_key(self.model, adapter_id, prompt, seed, g, self.device_type, self.speed), role, s.name,
                     prompt, free, has_trigger, seed, p, k)
                 for role, prompt, has_trigger, adapter_id in (("base", free, False, None),
+                                                              ("base", trig, True, None),
                                                               ("adapter", free, False, self.adapter),
                                                               ("adapter", trig, True, self.adapter))]
 

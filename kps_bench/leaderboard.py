@@ -2,7 +2,9 @@
 
 Values are means over subjects of the per-subject values in each run's results.json. Confidence
 intervals come from a two-level bootstrap (subjects with replacement, then each drawn subject's
-prompts with replacement), recomputed from the runs' stored embeddings. With a reference method,
+prompts with replacement; :func:`kps_bench.evaluate.mean_over_subjects`, as results.json's ``overall``),
+recomputed from the runs' stored embeddings. Rows must average over the same subjects (methods, with
+``--group-by subject``) unless partial rows are allowed, and are then marked. With a reference method,
 every other method is compared to it on per-(subject, prompt) KPS and preservation with a
 Wilcoxon signed-rank test.
 """
@@ -20,15 +22,11 @@ import torch
 
 from . import metrics as M
 from .errors import UserError
-from .evaluate import SubjectStats, subject_stats
-from .rundir import check_run_files, load_embeddings, read_manifest
+from .evaluate import SubjectStats, mean_over_subjects, prompt_resamples, subject_stats
+from .registry import COLUMNS, GROUND_TRUTH, METRICS, reported
+from .rundir import ImageRecord, check_run_files, load_embeddings, read_manifest
 
-METRIC_COLUMNS = ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio")
 TESTED = ("kps", "preservation")
-#: Per-subject ground-truth fields of `kps-bench world truth` -> leaderboard columns (shown when present).
-GROUND_TRUTH = {"true_identity": "gt_identity", "true_leakage": "gt_leakage", "true_knowledge_shift": "gt_knowledge_shift",
-                "true_diversity_ratio": "gt_diversity_ratio"}
-LOWER_IS_BETTER = ("gt_leakage", "gt_knowledge_shift")
 
 
 @dataclass
@@ -40,6 +38,7 @@ class Run:
     results: dict
     stats: dict[str, SubjectStats]
     ground_truth: dict[str, dict] = field(default_factory=dict)
+    records: list[ImageRecord] = field(default_factory=list)
 
     @property
     def provenance(self) -> dict:
@@ -79,10 +78,11 @@ def load_run(path: str | Path) -> Run:
     check_run_files(path, results)
     records = read_manifest(path / "images.jsonl")
     emb = load_embeddings(path / "embeddings.safetensors")
-    stats = {s: subject_stats(records, emb, s) for s in results["metrics"]}
-    gt = {s: {col: d[key] for key, col in GROUND_TRUTH.items() if isinstance(d.get(key), (int, float))}
+    names = reported(results["provenance"]["protocol"]["metrics"])
+    stats = {s: subject_stats(records, emb, s, names) for s in results["metrics"]}
+    gt = {s: {m.name: d[m.truth] for m in GROUND_TRUTH if isinstance(d.get(m.truth), (int, float))}
           for s, d in ((results.get("ground_truth") or {}).get("subjects") or {}).items()}
-    return Run(path, method_name(results), results, stats, gt)
+    return Run(path, method_name(results), results, stats, gt, records)
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Table:
 
 
 def _group_runs(runs: list[Run], group_by: str) -> dict[str, list[tuple[Run, str]]]:
-    """Group key -> (run, subject) items."""
+    """Group key -> (run, subject) items, in subject (or method) order."""
     groups: dict[str, list[tuple[Run, str]]] = {}
     for run in runs:
         for s in run.results["metrics"]:
@@ -110,22 +110,34 @@ def _group_runs(runs: list[Run], group_by: str) -> dict[str, list[tuple[Run, str
             what = "subject" if group_by == "method" else "method"
             raise UserError(f"Two runs give {group_by} '{key}' the same {what} '{sorted(dup)[0]}'; pass each run once "
                             f"(or label them apart with `kps-bench run --label` or `kps-bench score --label`).")
+        items.sort(key=lambda item: item[1] if group_by == "method" else item[0].method)
     return groups
 
 
-def _bootstrap(items: list[tuple[Run, str]], metric: str, resamples: int, seed: int, confidence: float):
-    """Two-level bootstrap of the mean over items (subjects) of a metric recomputed from resampled prompts."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(items)
-    per_item = []
-    for i, (run, s) in enumerate(items):
-        st = run.stats[s]
-        w = M.bootstrap_weights(len(st.prompts), resamples, seed * 7919 + i + 1)
-        per_item.append(st.values(w)[metric])
-    per_item = torch.stack(per_item)  # [items, resamples]
-    pick = torch.randint(0, n, (resamples, n), generator=g)
-    samples = per_item.T.gather(1, pick).mean(1)
-    return M.percentile_interval(samples, confidence)
+def _members(items: list[tuple[Run, str]], group_by: str) -> frozenset[str]:
+    """What a row averages over: its subjects (or, grouped by subject, its methods)."""
+    return frozenset(s if group_by == "method" else r.method for r, s in items)
+
+
+def _check_partial(groups: dict[str, list[tuple[Run, str]]], group_by: str, allow_partial: bool) -> frozenset[str]:
+    """Every member (subject or method) of the table; refuses rows over fewer of them unless ``allow_partial``."""
+    everyone = frozenset().union(*(_members(items, group_by) for items in groups.values()))
+    partial = {key: everyone - _members(items, group_by) for key, items in groups.items()
+               if _members(items, group_by) != everyone}
+    if partial and not allow_partial:
+        what = "subjects" if group_by == "method" else "methods"
+        lines = "; ".join(f"'{key}' lacks {', '.join(sorted(missing))}" for key, missing in sorted(partial.items()))
+        raise UserError(f"The rows average over different {what}, so their means are not comparable: {lines}. Run the "
+                        f"missing {what}, leave those runs out, or pass --allow-partial to list such rows marked "
+                        f"'(partial)'.")
+    return everyone
+
+
+def _generated_files(items: list[tuple[Run, str]]) -> tuple[int, int]:
+    """Distinct generated image files of the items (each run's own), and how many of them are flagged."""
+    files = {(str(r.path), x.path): x.valid for r, s in items for x in r.records
+             if x.subject == s and x.role != "reference"}
+    return len(files), sum(not valid for valid in files.values())
 
 
 def _gt_interval(values: list[float], resamples: int, seed: int, confidence: float):
@@ -164,8 +176,10 @@ def wilcoxon_against(items: list[tuple[Run, str]], ref_items: list[tuple[Run, st
 
 
 def build_tables(runs: list[Run], group_by: str = "method", reference: str | None = None, allow_mixed: bool = False,
-                 resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> list[Table]:
-    """One table per protocol (hash, kps_version); mixing them is refused unless ``allow_mixed``."""
+                 resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                 allow_partial: bool = False) -> list[Table]:
+    """One table per protocol (hash, kps_version); mixing them is refused unless ``allow_mixed``, and rows over fewer
+    subjects (methods) than others unless ``allow_partial``."""
     if not runs:
         raise UserError("No run directories given.")
     by_key: dict[tuple[str, str], list[Run]] = {}
@@ -177,26 +191,31 @@ def build_tables(runs: list[Run], group_by: str = "method", reference: str | Non
                           for k, runs_ in by_key.items())
         raise UserError(f"These runs used different protocols or KPS definitions, so their numbers are not comparable: "
                         f"{lines}. Re-run them under one protocol, or pass --allow-mixed for one table per protocol.")
-    return [_table(rs, group_by, reference, resamples, seed, confidence) for rs in by_key.values()]
+    return [_table(rs, group_by, reference, resamples, seed, confidence, allow_partial) for rs in by_key.values()]
 
 
-def _table(runs: list[Run], group_by: str, reference: str | None, resamples: int, seed: int, confidence: float) -> Table:
+def _table(runs: list[Run], group_by: str, reference: str | None, resamples: int, seed: int, confidence: float,
+           allow_partial: bool) -> Table:
     groups = _group_runs(runs, group_by)
+    everyone = _check_partial(groups, group_by, allow_partial)
     if reference is not None and group_by != "method":
         raise UserError("--reference compares methods; use it with --group-by method.")
     if reference is not None and reference not in groups:
         raise UserError(f"--reference '{reference}' is not among the methods of these runs: {', '.join(sorted(groups))}.")
-    available = [m for m in METRIC_COLUMNS if all(m in r.results["metrics"][s] for items in groups.values()
-                                                   for r, s in items)]
-    gt_cols = [c for c in GROUND_TRUTH.values() if any(c in d for r in runs for d in r.ground_truth.values())]
+    available = [m for m in COLUMNS if all(m in r.results["metrics"][s] for items in groups.values()
+                                            for r, s in items)]
+    gt_cols = [m.name for m in GROUND_TRUTH if any(m.name in d for r in runs for d in r.ground_truth.values())]
     rows = []
     for gi, (key, items) in enumerate(sorted(groups.items())):
-        distinct_runs = {id(r): r for r, _ in items}.values()
-        row = {"name": key, "n_subjects": len({s for _, s in items}),
-               "n_images": sum(r.results["counts"]["base"] + r.results["counts"]["adapter"] for r in distinct_runs)}
+        n_images, n_flagged = _generated_files(items)
+        row = {"name": key, "n_subjects": len({s for _, s in items}), "n_images": n_images,
+               "flagged": n_flagged / n_images if n_images else float("nan"),
+               "partial": _members(items, group_by) != everyone}
+        boot = prompt_resamples([r.stats[s] for r, s in items], resamples, seed + gi)
         for m in available:
             value = sum(r.results["metrics"][s][m]["value"] for r, s in items) / len(items)
-            lo, hi = _bootstrap(items, m, resamples, seed + gi, confidence)
+            samples = mean_over_subjects(torch.stack([b[m] for b in boot]), seed + gi)
+            lo, hi = M.percentile_interval(samples, confidence)
             row[m] = {"value": value, "ci_low": lo, "ci_high": hi}
         for c in gt_cols:
             vals = [r.ground_truth.get(s, {}).get(c) for r, s in items]
@@ -222,7 +241,7 @@ def _table(runs: list[Run], group_by: str, reference: str | None, resamples: int
         "protocol_sha256": prov["protocol_sha256"], "kps_version": str(runs[0].results["kps_version"]),
         "clip": f"{enc['clip']['arch']} / {enc['clip']['weights']}",
         "dino": enc["dino"]["model"],
-        "n_images": sum(r.results["counts"]["base"] + r.results["counts"]["adapter"] for r in runs),
+        "n_images_total": _generated_files([(r, s) for r in runs for s in r.results["metrics"]])[0],
         "n_runs": len(runs), "bootstrap": f"{resamples} resamples, seed {seed}", "confidence": confidence,
         "test": f"Wilcoxon signed-rank vs {reference} over (subject, prompt) pairs" if reference else None,
     }
@@ -251,22 +270,35 @@ def _headers(t: Table) -> list[str]:
     h = ["rank", t.group_by] + t.metrics
     if t.reference:
         h += [f"p({m})" for m in TESTED]
-    return h + ["subjects", "images"]
+    return h + ["subjects", "images", "flagged"]
+
+
+def _name(row: dict) -> str:
+    return f"{row['name']} (partial)" if row["partial"] else row["name"]
+
+
+def _tail(row: dict) -> list[str]:
+    """The subjects, images and flagged-rate cells."""
+    return [str(row["n_subjects"]), str(row["n_images"]), f"{row['flagged']:.3f}"]
 
 
 def _cells(t: Table, row: dict, fmt=_fmt, pfmt=_p) -> list[str]:
-    cells = [_rank(row), row["name"]] + [fmt(row[m]) if m in row else "—" for m in t.metrics]
+    cells = [_rank(row), _name(row)] + [fmt(row[m]) if m in row else "—" for m in t.metrics]
     if t.reference:
         cells += ["ref" if row["name"] == t.reference else pfmt(row.get(f"p_{m}")) for m in TESTED]
-    return cells + [str(row["n_subjects"]), str(row["n_images"])]
+    return cells + _tail(row)
 
 
 def footer_text(t: Table) -> str:
     f = t.footer
     parts = [f"Protocol {f['protocol']} v{f['protocol_version']} (sha256 {f['protocol_sha256'][:16]}), "
-             f"kps_version {f['kps_version']}; CLIP {f['clip']}; DINO {f['dino']}; {f['n_images']} generated images "
-             f"in {f['n_runs']} runs. Mean over subjects [{f['confidence']:.0%} CI, bootstrap over subjects x prompts, "
-             f"{f['bootstrap']}]."]
+             f"kps_version {f['kps_version']}; CLIP {f['clip']}; DINO {f['dino']}; {f['n_images_total']} generated "
+             f"image files in {f['n_runs']} runs. Mean over subjects [{f['confidence']:.0%} CI, bootstrap over "
+             f"subjects x prompts, {f['bootstrap']}]. images: distinct generated image files; flagged: the share of "
+             f"them that came out NaN or black (left out of the metrics with their seed partners)."]
+    if any(r["partial"] for r in t.rows):
+        parts.append(f"(partial): a mean over fewer {'subjects' if t.group_by == 'method' else 'methods'} than the "
+                     f"other rows'.")
     if f.get("test"):
         parts.append(f"p: {f['test']}.")
     return " ".join(parts)
@@ -287,7 +319,8 @@ def to_csv(t: Table) -> str:
         h += [m, f"{m}_ci_low", f"{m}_ci_high"]
     if t.reference:
         h += [f"p_{m}" for m in TESTED]
-    h += ["n_subjects", "n_images", "protocol", "protocol_version", "protocol_sha256", "kps_version"]
+    h += ["n_subjects", "n_images", "flagged", "partial", "protocol", "protocol_version", "protocol_sha256",
+          "kps_version"]
     w.writerow(h)
     for r in t.rows:
         line = [r.get("rank", ""), r["name"]]
@@ -297,20 +330,21 @@ def to_csv(t: Table) -> str:
         if t.reference:
             line += ["" if r["name"] == t.reference else r.get(f"p_{m}") for m in TESTED]
         f = t.footer
-        line += [r["n_subjects"], r["n_images"], f["protocol"], f["protocol_version"], f["protocol_sha256"], f["kps_version"]]
+        line += [r["n_subjects"], r["n_images"], r["flagged"], r["partial"], f["protocol"], f["protocol_version"],
+                 f["protocol_sha256"], f["kps_version"]]
         w.writerow(line)
     return buf.getvalue()
 
 
 def to_json_rows(t: Table) -> list[dict]:
-    """One machine-readable row per (group, metric)."""
+    """One machine-readable row per (group, metric): the table's footer fields, then the row's."""
     out = []
     for r in t.rows:
         for m in t.metrics:
             if m in r:
-                out.append({t.group_by: r["name"], "metric": m, **r[m], "rank": r.get("rank"),
-                            "n_subjects": r["n_subjects"], "n_images": r["n_images"],
-                            "p_vs_reference": r.get(f"p_{m}"), "reference": t.reference, **t.footer})
+                out.append({**t.footer, t.group_by: r["name"], "metric": m, **r[m], "rank": r.get("rank"),
+                            "n_subjects": r["n_subjects"], "n_images": r["n_images"], "flagged": r["flagged"],
+                            "partial": r["partial"], "p_vs_reference": r.get(f"p_{m}"), "reference": t.reference})
     return out
 
 
@@ -324,7 +358,7 @@ def latex_escape(s: str) -> str:
 
 def to_latex(t: Table) -> str:
     """A booktabs-free ``tabular``: value ± half CI width, best value per column in bold."""
-    higher_better = {m: m not in LOWER_IS_BETTER for m in t.metrics}
+    higher_better = {m: METRICS[m].higher_is_better for m in t.metrics}
     best = {}
     for m in t.metrics:
         vals = [r[m]["value"] for r in t.rows if m in r and not math.isnan(r[m]["value"])]
@@ -341,11 +375,11 @@ def to_latex(t: Table) -> str:
         return f
 
     for r in t.rows:
-        cells = [_rank(r, "--"), latex_escape(r["name"])]
+        cells = [_rank(r, "--"), latex_escape(_name(r))]
         cells += [fmt(m)(r[m]) if m in r else "--" for m in t.metrics]
         if t.reference:
             cells += ["ref" if r["name"] == t.reference else latex_escape(_p(r.get(f"p_{m}"))) for m in TESTED]
-        cells += [str(r["n_subjects"]), str(r["n_images"])]
+        cells += _tail(r)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\hline", r"\end{tabular}", "% " + footer_text(t)]
     return "\n".join(lines) + "\n"

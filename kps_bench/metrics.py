@@ -15,6 +15,19 @@ Definitions (per subject; see README "Metrics"):
 - ``diversity``    = mean over trigger-free prompts of the mean pairwise cosine distance (1 - cos,
   distinct pairs only) of the DINO embeddings of that prompt's images
 - ``vendi``        = mean over trigger-free prompts of exp(entropy of the eigenvalues of K / n), K = cosine kernel
+
+Chance-corrected scores (kps_version 2):
+
+- ``identity_base``      = ``identity`` of the base model's trigger images (same prompts and seeds)
+- ``identity_ceiling``   = mean over ordered pairs of distinct references of (1 + cos_clip) / 2
+- ``identity_gain``      = (identity - identity_base) / (identity_ceiling - identity_base)
+- ``preservation_floor`` = mean over pairs of base trigger-free images of one prompt (different seeds) of
+  (1 + cos_clip) / 2
+- ``preservation_gain``  = (preservation - preservation_floor) / (1 - preservation_floor)
+- ``kps_gain``           = harmonic mean of clip(identity_gain, 0, 1) and clip(preservation_gain, 0, 1), 0 when
+  either is 0 (even when the other is undefined)
+
+A gain is NaN (undefined) where its denominator is at most :data:`MIN_SPAN`.
 """
 
 from __future__ import annotations
@@ -59,6 +72,45 @@ def harmonic_mean(a, b):
 def kps(identity, preservation):
     """Knowledge Preservation Score (Park et al. 2024): harmonic mean of identity and preservation."""
     return harmonic_mean(identity, preservation)
+
+
+#: The smallest denominator (ceiling - chance level) for which a gain is defined.
+MIN_SPAN = 0.01
+
+
+def gain(value: torch.Tensor, chance, ceiling) -> torch.Tensor:
+    """(value - chance) / (ceiling - chance), float64: 0 at the chance level, 1 at the ceiling; NaN where
+    ceiling - chance <= :data:`MIN_SPAN` (or any input is NaN)."""
+    value = torch.as_tensor(value, dtype=torch.float64)
+    span = torch.as_tensor(ceiling, dtype=torch.float64) - torch.as_tensor(chance, dtype=torch.float64)
+    ok = span > MIN_SPAN
+    return torch.where(ok, (value - chance) / torch.where(ok, span, torch.ones_like(span)),
+                       torch.full_like(value * span, float("nan")))
+
+
+def preservation_gain(preservation: torch.Tensor, floor) -> torch.Tensor:
+    """:func:`gain` of preservation between the floor (two seeds of the base model) and 1 (the base's own image)."""
+    return gain(preservation, floor, 1.0)
+
+
+def kps_gain(identity_gain: torch.Tensor, preservation_gain: torch.Tensor) -> torch.Tensor:
+    """Harmonic mean of the two gains clipped to [0, 1]. 0 when either is 0 (or below), even when the other is NaN
+    (no gain on one side is no gain, whatever the other); otherwise NaN when either is NaN."""
+    a = torch.as_tensor(identity_gain, dtype=torch.float64).clamp(0.0, 1.0)
+    b = torch.as_tensor(preservation_gain, dtype=torch.float64).clamp(0.0, 1.0)
+    h = harmonic_mean(a, b)
+    return torch.where((a == 0) | (b == 0), torch.zeros_like(h), h)
+
+
+def ratio(adapter: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """adapter / base (e.g. ``diversity_ratio``)."""
+    return adapter / base
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The entries ``m[i, j]`` with i != j of a square matrix, ``[n, n] -> [n * (n - 1)]``."""
+    n = m.shape[0]
+    return m[~torch.eye(n, dtype=torch.bool)]
 
 
 def mean_pairwise_cosine_distance(emb: torch.Tensor) -> float:

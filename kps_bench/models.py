@@ -290,10 +290,12 @@ def load_pipeline(spec: str, resolved: str, device: str, dtype: str, scheduler: 
         raise UserError(f"Cannot load base model '{resolved}': it is not a local folder and could not be fetched "
                         f"from the hub ({str(e).splitlines()[0]}). Check the id, or download it and pass the folder.") from None
     set_scheduler(pipe, scheduler)
+    if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark changes pixels, like the safety
+        pipe.watermark = None                       # checker blacks them out: both would bias the metrics
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     loaded_from = getattr(pipe.unet.config, "_name_or_path", None) if hasattr(pipe, "unet") else None
-    return LoadedModel(pipe, model_identity(spec, resolved, loaded_from))
+    return LoadedModel(pipe, {**model_identity(spec, resolved, loaded_from), "pipeline_class": type(pipe).__name__})
 
 
 def check_hub_id(spec: str, resolved: str) -> None:
@@ -328,9 +330,14 @@ class AdapterInfo:
     path: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     training: dict | None = None
+    #: What it loads into, from :func:`check_adapter_fits`: a LoRA's modules per component (``{"modules": {"unet":
+    #: 32, ...}}``, ``other`` for keys that name no component); a textual inversion's token and embedding shape per
+    #: text encoder (``{"token": "sks", "text_encoders": {"text_encoder": [1, 768], "text_encoder_2": [1, 1280]}}``).
+    targets: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "files": self.files, "training": self.training}
+        return {"kind": self.kind, "path": self.path, "files": self.files, "training": self.training,
+                "targets": self.targets}
 
 
 def detect_adapter_kind(path: Path) -> str:
@@ -455,16 +462,25 @@ def release(loaded: LoadedModel) -> None:
         torch.cuda.empty_cache()
 
 
-def check_adapter_fits(pipe, info: AdapterInfo, triggers: list[str], allow_unsafe_pickle: bool = False) -> None:
+def check_adapter_fits(pipe, info: AdapterInfo, triggers: list[str], allow_unsafe_pickle: bool = False) -> dict:
     """Open a LoRA or textual-inversion adapter and check it against the base pipeline without loading it
-    (module shapes; embedding size and triggers), so a misfit is found before any image is made."""
+    (module shapes; embedding sizes and triggers), so a misfit is found before any image is made. Returns what it
+    loads into (:attr:`AdapterInfo.targets`)."""
     if info.kind == "lora":
-        check_lora_shapes(pipe, Path(info.path), allow_unsafe_pickle)
-    elif info.kind == "textual-inversion":
-        textual_inversion_state(pipe, Path(info.path), triggers, allow_unsafe_pickle)
+        names = lora_module_names(list(check_lora_shapes(pipe, Path(info.path), allow_unsafe_pickle)))
+        per_component = {c: sum(n.startswith(f"{c}.") for n in names) for c in pipe.components}
+        modules = {c: n for c, n in per_component.items() if n}
+        if other := len(names) - sum(modules.values()):  # keys in another format (kohya's), named otherwise
+            modules["other"] = other
+        return {"modules": modules}
+    if info.kind == "textual-inversion":
+        embeddings = textual_inversion_state(pipe, Path(info.path), triggers, allow_unsafe_pickle)
+        return {"token": triggers[0], "text_encoders": {name: list(t.shape) for name, t in embeddings.items()}}
+    return {}
 
 
-_LORA_WEIGHT = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(\.[^.]+)?\.weight$")
+_LORA_PARTS = r"lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_linear_layer\.down|lora_linear_layer\.up"
+_LORA_WEIGHT = re.compile(rf"^(.*)\.({_LORA_PARTS})(\.[^.]+)?\.weight$")
 
 
 def check_lora_shapes(pipe, file: Path, allow_unsafe_pickle: bool = False) -> dict[str, tuple[int, ...]]:
@@ -478,7 +494,7 @@ def check_lora_shapes(pipe, file: Path, allow_unsafe_pickle: bool = False) -> di
         weight = getattr(modules.get(m.group(1)), "weight", None) if m else None
         if weight is None or weight.ndim < 2:
             continue
-        down = m.group(2) in ("lora_A", "lora.down", "lora_down")
+        down = m.group(2).endswith(("A", "down"))
         shape = shapes[key]
         axis = 1 if down else 0
         if len(shape) < 2 or shape[axis] != weight.shape[axis]:
@@ -492,8 +508,9 @@ def check_lora_shapes(pipe, file: Path, allow_unsafe_pickle: bool = False) -> di
 
 
 def lora_module_names(keys: list[str]) -> set[str]:
-    """The module each LoRA tensor belongs to (diffusers/peft ``lora_A``/``lora_B`` and older ``lora.down`` keys)."""
-    pattern = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_magnitude_vector)(\.[^.]+)*\.(weight|bias)$|\.alpha$")
+    """The module each LoRA tensor belongs to (peft ``lora_A``/``lora_B``, diffusers' ``lora.down`` and, for text
+    encoders, ``lora_linear_layer.down`` keys)."""
+    pattern = re.compile(rf"\.({_LORA_PARTS}|lora_magnitude_vector)(\.[^.]+)*\.(weight|bias)$|\.alpha$")
     return {pattern.sub("", k) for k in keys if "lora" in k or k.endswith(".alpha")}
 
 
@@ -541,31 +558,75 @@ def load_lora_checked(pipe, file: Path, allow_unsafe_pickle: bool = False) -> in
     return matched
 
 
+#: (text encoder, tokenizer, key of SDXL's two-encoder embedding files) of each CLIP text encoder a pipeline may have
+TEXT_ENCODERS = (("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "clip_g"))
+
+
+def text_encoders(pipe) -> list[tuple[str, str, str]]:
+    """The :data:`TEXT_ENCODERS` entries the pipeline has: one for SD 1.x/2.x, two for SDXL."""
+    return [names for names in TEXT_ENCODERS if getattr(pipe, names[0], None) is not None]
+
+
+def one_embedding(state: dict, file: Path) -> tuple[str, object]:
+    """``(key, embedding [vectors, size])`` of a one-encoder file: diffusers' ``{token: tensor}`` (or ``emb_params``),
+    or A1111's ``string_to_param``."""
+    if len(state) == 1:
+        return next(iter(state.items()))
+    if "string_to_param.*" in state:
+        return "string_to_param.*", state["string_to_param.*"]
+    raise UserError(f"Textual-inversion file '{file}' holds {len(state)} tensors ({', '.join(sorted(state)[:4])}), not "
+                    f"one embedding: diffusers' format is {{token: [vectors, size]}}, SDXL's {{'clip_l': ..., "
+                    f"'clip_g': ...}}. Give the file a textual-inversion trainer wrote.")
+
+
 def textual_inversion_state(pipe, file: Path, triggers: list[str], allow_unsafe_pickle: bool = False) -> dict:
-    """The learned embeddings, after checking the trigger is a new token and the embedding size is the text
-    encoder's."""
-    tokenizer = pipe.tokenizer
+    """The learned embedding ``[vectors, size]`` for each of the base's text encoders (component name -> tensor): the
+    file's one embedding for SD 1.x/2.x, its ``clip_l`` and ``clip_g`` for SDXL's two encoders. Checks that the
+    trigger is a new token of every tokenizer and that each embedding has its encoder's size."""
+    encoders = text_encoders(pipe)
     for trigger in triggers:
-        if trigger in tokenizer.get_vocab():
-            raise UserError(f"Textual-inversion token '{trigger}' already exists in the base model's tokenizer, so "
-                            f"its learned embedding would be ignored. Choose a trigger that is not a token "
-                            f"(e.g. '<{trigger}>') in the protocol's subjects.trigger.")
+        for _, tokenizer, _ in encoders:
+            if trigger in getattr(pipe, tokenizer).get_vocab():
+                raise UserError(f"Textual-inversion token '{trigger}' already exists in the base model's {tokenizer}, "
+                                f"so its learned embedding would be ignored. Choose a trigger that is not a token "
+                                f"(e.g. '<{trigger}>') in the protocol's subjects.trigger.")
     state = load_weights(file, "Textual-inversion file", allow_unsafe_pickle)
     if len(triggers) != 1:
         raise UserError(f"Textual-inversion file '{file}' holds one concept; evaluate it for one subject with --subject NAME.")
-    size = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
-    for key, t in state.items():
-        if t.shape[-1] != size:
+    sizes = {name: getattr(pipe, name).get_input_embeddings().weight.shape[-1] for name, _, _ in encoders}
+    two_encoder_keys = {key for _, _, key in TEXT_ENCODERS}
+    if len(encoders) > 1:
+        if not two_encoder_keys <= set(state):
+            raise UserError(f"Textual-inversion file '{file}' holds a one-encoder embedding "
+                            f"({', '.join(sorted(state))}), but the base model is SDXL, whose two text encoders each "
+                            f"need theirs. Give an SDXL embedding: a safetensors file with 'clip_l' [vectors, "
+                            f"{sizes['text_encoder']}] for text_encoder and 'clip_g' [vectors, "
+                            f"{sizes['text_encoder_2']}] for text_encoder_2, as SDXL textual-inversion trainers write "
+                            f"it; or evaluate this one with the SD 1.x/2.x base it was trained for (base_model, or "
+                            f"--base).")
+        embeddings = {name: (key, state[key]) for name, _, key in encoders}
+    elif two_encoder_keys <= set(state):
+        raise UserError(f"Textual-inversion file '{file}' is an SDXL embedding ('clip_l' and 'clip_g', one per SDXL "
+                        f"text encoder), but the base model has one text encoder. Evaluate it with the SDXL base it "
+                        f"was trained for (base_model, or --base).")
+    else:
+        embeddings = {name: one_embedding(state, file) for name, _, _ in encoders}
+    for name, (key, t) in embeddings.items():
+        encoder = "text encoder" if len(encoders) == 1 else name
+        if t.shape[-1] != sizes[name]:
             raise UserError(f"Textual-inversion file '{file}': embedding '{key}' has size {t.shape[-1]}, but the base "
-                            f"model's text encoder uses embeddings of size {size}. It was trained for another base "
+                            f"model's {encoder} uses embeddings of size {sizes[name]}. It was trained for another base "
                             f"model; use it with that base (base_model, or --base).")
-    return state
+    return {name: t for name, (_, t) in embeddings.items()}
 
 
 def load_textual_inversion_checked(pipe, file: Path, triggers: list[str], allow_unsafe_pickle: bool = False) -> None:
-    """Load learned embeddings under the subject's trigger (checked by :func:`textual_inversion_state`)."""
-    state = textual_inversion_state(pipe, file, triggers, allow_unsafe_pickle)
+    """Load the learned embeddings under the subject's trigger into every text encoder (checked by
+    :func:`textual_inversion_state`)."""
+    embeddings = textual_inversion_state(pipe, file, triggers, allow_unsafe_pickle)
     try:
-        pipe.load_textual_inversion(state, token=triggers[0])
+        for encoder, tokenizer, _ in text_encoders(pipe):
+            pipe.load_textual_inversion(embeddings[encoder], token=triggers[0], text_encoder=getattr(pipe, encoder),
+                                        tokenizer=getattr(pipe, tokenizer))
     except ValueError as e:
         raise UserError(f"Textual-inversion file '{file}' could not be loaded: {e}") from None

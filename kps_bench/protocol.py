@@ -21,8 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-
-ALL_METRICS = ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity", "vendi")
+from .registry import PROTOCOL_METRICS
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler-a", "heun", "dpm-solver", "dpm-solver-sde", "unipc")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -107,7 +106,7 @@ class Protocol:
     references_root: str = ""
     generation: Generation = field(default_factory=Generation)
     encoders: Encoders = field(default_factory=Encoders)
-    metrics: tuple[str, ...] = ALL_METRICS
+    metrics: tuple[str, ...] = PROTOCOL_METRICS
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     description: str = ""
     #: Extra free-form sections (e.g. ``training`` overrides read by the trainers); validated by their users.
@@ -404,7 +403,7 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
     subjects_raw = raw.pop("subjects", None)
     prompts_raw = raw.pop("prompts", None)
     sets_raw = raw.pop("prompt_sets", None)
-    metrics_raw = raw.pop("metrics", list(ALL_METRICS))
+    metrics_raw = raw.pop("metrics", list(PROTOCOL_METRICS))
     training_raw = raw.pop("training", {}) or {}
     if subjects_raw is None:
         raise UserError(f"{where}: missing required field 'subjects' (a list of {{name, class_noun, trigger, references}}).")
@@ -439,10 +438,10 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
             raise UserError(f"{where}: field 'subjects.{i}.prompt_set' is required because the protocol has no "
                             f"'prompts' list; expected one of: {', '.join(prompt_sets)}.")
     if not isinstance(metrics_raw, list) or not all(isinstance(m, str) for m in metrics_raw):
-        raise UserError(f"{where}: field 'metrics' must be a list of metric names from: {', '.join(ALL_METRICS)}.")
-    bad = [m for m in metrics_raw if m not in ALL_METRICS]
+        raise UserError(f"{where}: field 'metrics' must be a list of metric names from: {', '.join(PROTOCOL_METRICS)}.")
+    bad = [m for m in metrics_raw if m not in PROTOCOL_METRICS]
     if bad:
-        raise UserError(f"{where}: field 'metrics' has unknown metric '{bad[0]}'; expected names from: {', '.join(ALL_METRICS)}.")
+        raise UserError(f"{where}: field 'metrics' has unknown metric '{bad[0]}'; expected names from: {', '.join(PROTOCOL_METRICS)}.")
     if not isinstance(training_raw, dict):
         raise UserError(f"{where}: field 'training' must be a mapping of method -> recipe overrides.")
     top = _build(_Top, raw, "", where)

@@ -17,12 +17,14 @@ from .cache import ImageCache
 from .distributed import SINGLE, Ranks, launched
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError, stop_when_disk_full
-from .evaluate import compute_results
+from .evaluate import check_seeds, compute_results
+from .family import base_family
 from .generate import Job, Plan, check_plan_size, generate, job_records, oom_guard, survey
 from .lock import RUN_LOCK, exclusive
 from .models import (AdapterInfo, LoadedModel, SpeedFlags, apply_adapter, check_adapter_fits, load_pipeline,
                      resolve_adapter, resolve_device)
 from .protocol import Protocol, Subject
+from .registry import encoders_needed
 from .provenance import Timings, device_info, git_commit, now_iso, package_versions
 from .rundir import (RESULTS, ImageRecord, check_run_files, check_writable, load_embeddings, read_manifest,
                      readable_image, remove_stale_temporaries, resolve_image_path, sha256_file, write_run)
@@ -114,13 +116,14 @@ def reference_records(protocol: Protocol, subject: Subject, run_dir: Path) -> li
 
 
 def load_encoders(protocol: Protocol, device: str, allow_unsafe_pickle: bool = False):
-    """The protocol's CLIP and (when a metric needs it) DINO encoders, loaded: ``(clip, dino or None)``."""
-    need_dino = any(m in protocol.metrics for m in ("dino", "diversity", "vendi"))
+    """The protocol's CLIP and DINO encoders, each loaded when an enabled metric reads it: ``(clip or None, dino or
+    None)``."""
+    need = encoders_needed(protocol.metrics)
     enc = protocol.encoders
-    clip = ClipEncoder(protocol.resolve(enc.clip.arch, "clip"), protocol.resolve(enc.clip.weights),
-                       device, enc.batch_size, allow_unsafe_pickle)
+    clip = (ClipEncoder(protocol.resolve(enc.clip.arch, "clip"), protocol.resolve(enc.clip.weights),
+                        device, enc.batch_size, allow_unsafe_pickle) if "clip" in need else None)
     dino = (DinoEncoder(protocol.resolve(enc.dino.model, "dino"), device, enc.batch_size, allow_unsafe_pickle)
-            if need_dino else None)
+            if "dino" in need else None)
     return clip, dino
 
 
@@ -143,8 +146,10 @@ def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, e
 
     hashes = ranks.check(hashes_of_existing_images)
     tensors = {}
+    encoders = [(name, e) for name, e in (("clip", clip), ("dino", dino)) if e is not None]
+    provenance["encoders"] = {name: e.identity for name, e in encoders}
     with timings("encode"):
-        for name, encoder in [("clip", clip)] + ([("dino", dino)] if dino else []):
+        for name, encoder in encoders:
             with progress(f"encode {name}", ranks.share(len(set(hashes)), encoder.batch_size)) as advance:
                 def embed_my_batches(encoder=encoder, advance=advance) -> dict:
                     with oom_guard(f"encoding with {name}", encoder.batch_size, "--set encoders.batch_size=N"):
@@ -155,23 +160,23 @@ def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, e
                 by_hash = {h: e for part in parts for h, e in part.items()}
                 for r, h in zip(valid, hashes):
                     tensors[f"{name}/{r.id}"] = by_hash[h]
-    return ranks.check(lambda: score_and_write(records, tensors, out, protocol, clip, dino, timings, provenance)
+    return ranks.check(lambda: score_and_write(records, tensors, out, protocol, clip, timings, provenance)
                        if ranks.main else None)
 
 
-def score_and_write(records: list[ImageRecord], tensors: dict, out: Path, protocol: Protocol, clip: ClipEncoder,
-                    dino: DinoEncoder | None, timings: Timings, provenance: dict) -> dict:
-    """Given the images' embeddings (``tensors``: ``clip/<id>``, ``dino/<id>``): encode the prompts, compute the
-    metrics and the ground truth, and write the run folder's three files (see :func:`embed_and_score`)."""
+def score_and_write(records: list[ImageRecord], tensors: dict, out: Path, protocol: Protocol,
+                    clip: ClipEncoder | None, timings: Timings, provenance: dict) -> dict:
+    """Given the images' embeddings (``tensors``: ``clip/<id>``, ``dino/<id>`` for the loaded encoders): encode the
+    prompts (with CLIP, when loaded), compute the metrics and the ground truth, and write the run folder's three
+    files (see :func:`embed_and_score`)."""
     with timings("encode"):
         texts = {}
         for r in records:
-            if r.valid and r.role != "reference":
+            if r.valid and r.role != "reference" and clip is not None:
                 texts[f"clip_text/{r.subject}/{r.prompt_index}"] = r.prompt_without_trigger
         keys = sorted(texts)
-        for k, e in zip(keys, clip.encode_texts([texts[k] for k in keys])):
+        for k, e in zip(keys, clip.encode_texts([texts[k] for k in keys]) if keys else []):
             tensors[k] = e
-    provenance["encoders"] = {"clip": clip.identity, **({"dino": dino.identity} if dino else {})}
     b = protocol.bootstrap
     with timings("metrics"):
         results = compute_results(records, tensors, protocol.metrics, b.resamples, b.seed, b.confidence)
@@ -183,13 +188,17 @@ def score_and_write(records: list[ImageRecord], tensors: dict, out: Path, protoc
             results["ground_truth"] = truth(out, world_dir=base.parent, write=False, records=records)
     if results["counts"]["flagged"]:
         console.print(f"[yellow]warning:[/] {results['counts']['flagged']} image(s) are NaN or all black; they are "
-                      f"flagged in images.jsonl and left out of the metrics (see counts.flagged in results.json).")
+                      f"flagged in images.jsonl and left out of the metrics with their seed partners (see "
+                      f"counts.flagged, and each metric's flagged, in results.json).")
+    for warning in results["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
     undefined = sorted({m for scope in [results["overall"], *results["metrics"].values()] for m, e in scope.items()
                         if isinstance(e, dict) and math.isnan(e["value"])})
     if undefined:
         console.print(f"[yellow]warning:[/] {', '.join(undefined)} could not be computed (NaN) for some subjects: "
-                      f"they need trigger images and references (identity), seed-paired base and adapter images "
-                      f"(preservation) or two images per prompt (diversity), left after flagged images. They are "
+                      f"they need trigger images and references (identity), the base model's trigger images "
+                      f"(identity_base), seed-paired base and adapter images (preservation) or two images per prompt "
+                      f"(diversity, preservation_floor), left after flagged images. They are "
                       f"NaN in results.json, and the leaderboard ranks such runs last.")
     failure = flagged_majority(records)
     provenance.update({"timings_s": timings.seconds, "end_time": now_iso()})
@@ -286,7 +295,7 @@ class Setup:
     subjects: list[Subject]
     device: str
     cache: ImageCache
-    encoders: tuple[ClipEncoder, DinoEncoder | None]
+    encoders: tuple[ClipEncoder | None, DinoEncoder | None]
     base: LoadedModel
     plan: Plan
     batch_size: int
@@ -323,7 +332,9 @@ def prepare(protocol: Protocol, opts: RunOptions, timings: Timings, ranks: Ranks
         base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"), device, g.dtype,
                              g.scheduler, opts.allow_unsafe_pickle)
         opts.speed.apply(base.pipe)
-    check_adapter_fits(base.pipe, adapter, [s.trigger for s in subjects], opts.allow_unsafe_pickle)
+    if warning := base_family(base.pipe).resolution_warning(g.resolution):
+        console.print(f"[yellow]warning:[/] {warning}")
+    adapter.targets = check_adapter_fits(base.pipe, adapter, [s.trigger for s in subjects], opts.allow_unsafe_pickle)
     adapter_id = None if adapter.kind == "none" else {"kind": adapter.kind, "files": adapter.files}
     plan = Plan(protocol, subjects, base.identity, adapter_id, device.split(":")[0], opts.speed.enabled)
     return Setup(adapter, subjects, device, cache, encoders, base, plan, opts.batch_size or g.batch_size)
@@ -408,7 +419,7 @@ def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = 
 def read_checked_manifest(protocol: Protocol, manifest: Path, out: Path,
                           allow_outside_paths: bool) -> list[ImageRecord]:
     """The manifest's records, each image checked (subject, place, readable, sha256) and flagged when black, with
-    paths made relative to ``out``."""
+    paths made relative to ``out``, and their seeds checked (:func:`check_seeds`)."""
     records = read_manifest(manifest)
     if not any(r.role != "reference" for r in records):
         raise UserError(f"Manifest '{manifest}' lists no base or adapter image (role 'base' or 'adapter'), so there "
@@ -437,6 +448,7 @@ def read_checked_manifest(protocol: Protocol, manifest: Path, out: Path,
         r.path, r.sha256 = os.path.relpath(p.resolve(), out.resolve()), sha
         if not r.flags and is_black(p):
             r.flags = ["black"]
+    check_seeds(records, str(manifest))
     return records
 
 

@@ -2,8 +2,9 @@
 
 ``kps-bench tiny-models --out DIR`` writes a complete local setup (a diffusers pipeline, an
 open_clip checkpoint, a DINO ViT folder, reference images, a LoRA, a textual-inversion embedding
-and a protocol that points at them) so that ``kps-bench run`` and ``kps-bench score`` can be tried,
-and are tested, through exactly the code paths a real model takes. Images from these models are
+and a protocol that points at them; with ``--sdxl`` also an SDXL pipeline, a LoRA and a two-encoder
+textual-inversion embedding for it, and their protocol) so that ``kps-bench run`` and ``kps-bench score`` can be
+tried, and are tested, through exactly the code paths a real model takes. Images from these models are
 noise: only the plumbing is meaningful.
 """
 
@@ -16,41 +17,93 @@ import yaml
 
 from .tokenizer import save_clip_tokenizer
 
-HIDDEN = 32
+HIDDEN = 32  # the (first) text encoder's embedding size
+HIDDEN_2 = 48  # SDXL's second text encoder's
 TINY_SUBJECTS = (
     {"name": "red-block", "class_noun": "block", "trigger": "sks", "colour": (200, 40, 40)},
     {"name": "blue-ball", "class_noun": "ball", "trigger": "zwx", "colour": (40, 60, 210)},
 )
 
 
+def tiny_tokenizer(folder: Path):
+    """The real CLIP BPE tokenizer (see :mod:`kps_bench.tokenizer`), written to ``folder`` and loaded from it."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(save_clip_tokenizer(folder))
+
+
+def tiny_vae():
+    """A 2-level ``AutoencoderKL``: 4 latent channels at half the image size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_text_encoder_config(vocab_size: int, hidden: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden)
+
+
 def build_pipeline(out: Path, seed: int = 0) -> Path:
     """A Stable-Diffusion-shaped pipeline (CLIP text encoder, UNet, VAE, DDIM) at 32 px."""
+    import shutil
+
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    tok_dir = save_clip_tokenizer(out / "_tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=HIDDEN))
+    tokenizer = tiny_tokenizer(out / "_tokenizer")
+    text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer), HIDDEN))
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline")
+    shutil.rmtree(out / "_tokenizer")
+    return out / "pipeline"
+
+
+def build_sdxl_pipeline(out: Path, seed: int = 0) -> Path:
+    """An SDXL-shaped pipeline at 32 px: ``CLIPTextModel`` (size HIDDEN) and ``CLIPTextModelWithProjection`` (size
+    HIDDEN_2, whose pooled projection conditions the UNet), a UNet with ``addition_embed_type="text_time"`` that
+    attends to both encoders' states side by side (HIDDEN + HIDDEN_2), and the VAE and scheduler of
+    :func:`build_pipeline`."""
     import shutil
 
-    shutil.rmtree(tok_dir)
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(out / "_tokenizer")
+    text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer), HIDDEN))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(len(tokenizer), HIDDEN_2))
+    time_dim = 8  # SDXL embeds 6 numbers (original size, crop corner, target size) at this size each
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN + HIDDEN_2, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + HIDDEN_2)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=tiny_scheduler())
+    pipe.save_pretrained(out / "pipeline")
+    shutil.rmtree(out / "_tokenizer")
     return out / "pipeline"
 
 
@@ -110,37 +163,48 @@ def build_references(out: Path, seed: int = 0, n: int = 4) -> dict[str, Path]:
     return folders
 
 
-def build_lora(pipeline_dir: Path, out: Path, rank: int = 4, seed: int = 0) -> Path:
-    """A random (non-zero) peft LoRA on the UNet attention projections, saved with diffusers' save_lora_weights."""
+def build_lora(pipeline_dir: Path, out: Path, rank: int = 4, seed: int = 0,
+               text_encoders: tuple[str, ...] = ()) -> Path:
+    """A random (non-zero) peft LoRA on the UNet's attention projections and on those of the named text encoders,
+    saved with the pipeline class's ``save_lora_weights`` (``pytorch_lora_weights.safetensors``)."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
+    from .models import quiet_progress_bars
+
+    quiet_progress_bars()
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
+               **{name: ["q_proj", "k_proj", "v_proj", "out_proj"] for name in text_encoders}}
+    layers = {}
+    for name, modules in targets.items():
+        component = getattr(pipe, name)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=modules),
+                                component)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(component))
+    type(pipe).save_lora_weights(out, **layers)
     return out
 
 
-def build_textual_inversion(out: Path, token: str, seed: int = 0) -> Path:
-    """A diffusers-format ``learned_embeds.safetensors``: ``{token: [1, hidden]}``."""
+def build_textual_inversion(out: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A ``learned_embeds.safetensors`` of one vector per key, ``{key: [1, size]}``: diffusers' format is
+    ``{token: [1, HIDDEN]}``, SDXL's ``{"clip_l": [1, HIDDEN], "clip_g": [1, HIDDEN_2]}`` (one per text encoder)."""
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({token: torch.randn(1, HIDDEN)}, str(out / "learned_embeds.safetensors"))
+    save_file({key: torch.randn(1, size) for key, size in sizes.items()}, str(out / "learned_embeds.safetensors"))
     return out
 
 
-def tiny_protocol(out: Path) -> dict:
+def tiny_protocol(name: str = "tiny", base_model: str = "pipeline") -> dict:
     """A protocol over the tiny models, with paths relative to the protocol file."""
     return {
-        "name": "tiny", "version": "1.0", "base_model": "pipeline",
+        "name": name, "version": "1.0", "base_model": base_model,
         "description": "Tiny random models for plumbing tests; numbers are meaningless.",
         "generation": {"scheduler": "ddim", "steps": 2, "guidance_scale": 2.0, "resolution": 32,
                        "images_per_prompt": 2, "seed": 7, "batch_size": 4, "dtype": "float32"},
@@ -153,9 +217,21 @@ def tiny_protocol(out: Path) -> dict:
     }
 
 
-def build_all(out: str | Path, force: bool = False) -> Path:
-    """Write everything; returns the protocol path ``out/tiny.yaml``. A folder that already holds files is refused
-    unless ``force``."""
+def build_sdxl(out: Path) -> Path:
+    """The SDXL part of ``tiny-models --sdxl``: ``sdxl/pipeline``, ``sdxl/lora`` (UNet and both text encoders),
+    ``sdxl/textual-inversion`` (the two-encoder ``clip_l``/``clip_g`` embedding) and ``tiny-sdxl.yaml``, which
+    shares the encoders and references of ``tiny.yaml`` in ``out``. Returns the protocol's path."""
+    pipeline = build_sdxl_pipeline(out / "sdxl")
+    build_lora(pipeline, out / "sdxl" / "lora", text_encoders=("text_encoder", "text_encoder_2"))
+    build_textual_inversion(out / "sdxl" / "textual-inversion", {"clip_l": HIDDEN, "clip_g": HIDDEN_2})
+    path = out / "tiny-sdxl.yaml"
+    path.write_text(yaml.safe_dump(tiny_protocol("tiny-sdxl", "sdxl/pipeline"), sort_keys=False))
+    return path
+
+
+def build_all(out: str | Path, force: bool = False, sdxl: bool = False) -> list[Path]:
+    """Write everything (and the SDXL models with ``sdxl``); returns the protocol paths, ``out/tiny.yaml`` first. A
+    folder that already holds files is refused unless ``force``."""
     from .errors import UserError
     from .rundir import check_writable
 
@@ -170,7 +246,7 @@ def build_all(out: str | Path, force: bool = False) -> Path:
     build_dino(out)
     build_references(out)
     build_lora(pipeline, out / "lora")
-    build_textual_inversion(out / "textual-inversion", TINY_SUBJECTS[0]["trigger"])
+    build_textual_inversion(out / "textual-inversion", {TINY_SUBJECTS[0]["trigger"]: HIDDEN})
     path = out / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_protocol(out), sort_keys=False))
-    return path
+    path.write_text(yaml.safe_dump(tiny_protocol(), sort_keys=False))
+    return [path] + ([build_sdxl(out)] if sdxl else [])

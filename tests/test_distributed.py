@@ -151,7 +151,7 @@ def test_two_cpu_processes_write_the_run_folder_of_one(tiny, tiny_protocol, tmp_
     assert two.stdout.count("Written to") == 1  # rank 0 alone prints the summary
     a, b = tmp_path / "one", tmp_path / "two"
     names = sorted(p.name for p in (a / "images").iterdir())
-    assert len(names) == 4 + 4 + 8 and names == sorted(p.name for p in (b / "images").iterdir())
+    assert len(names) == 4 + 8 + 8 and names  # references; base and adapter, each on both prompts == sorted(p.name for p in (b / "images").iterdir())
     for name in names:
         assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes(), name
     for name in ("images.jsonl", "embeddings.safetensors"):
@@ -160,7 +160,7 @@ def test_two_cpu_processes_write_the_run_folder_of_one(tiny, tiny_protocol, tmp_
     pa, pb = ra.pop("provenance"), rb.pop("provenance")
     assert ra == rb
     assert (pa["world_size"], pb["world_size"]) == (1, 2)
-    assert pa["images_made"] == pb["images_made"] == {"base": 4, "adapter": 8}
+    assert pa["images_made"] == pb["images_made"] == {"base": 8, "adapter": 8}
     varying = {"start_time", "end_time", "timings_s", "world_size", "image_cache"}
     assert {k: v for k, v in pa.items() if k not in varying} == {k: v for k, v in pb.items() if k not in varying}
     assert not (b / RUN_LOCK).exists()

@@ -123,7 +123,7 @@ def test_leaderboard_takes_runs_whose_subjects_use_different_prompt_sets(tiny, s
         run_benchmark(sets_protocol, RunOptions(out=tmp_path / s, adapter=str(tiny / "lora"), subjects=(s,),
                                                 label="lora", device="cpu"))
     runs = [load_run(tmp_path / d) for d in ("base", "red-block", "blue-ball")]
-    assert runs[0].results["counts"]["base"] == (2 + 3) * 2  # images_per_prompt 2
+    assert runs[0].results["counts"]["base"] == (2 + 3) * 2 * 2  # images_per_prompt 2, trigger-free and trigger
     (table,) = build_tables(runs, reference="base", resamples=200)
     rows = {r["name"]: r for r in table.rows}
     per_run = [json.loads((tmp_path / s / "results.json").read_text())["metrics"][s]["kps"]["value"]

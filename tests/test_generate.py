@@ -17,7 +17,7 @@ def setup(tiny_protocol):
     protocol = load_protocol(str(tiny_protocol), ["generation.images_per_prompt=3"])
     base = load_pipeline(protocol.base_model, protocol.resolve(protocol.base_model), "cpu", "float32", "ddim")
     plan = Plan(protocol, list(protocol.subjects[:1]), base.identity, None, "cpu")
-    jobs = [j for j in plan.jobs() if j.role == "base"]
+    jobs = [j for j in plan.jobs() if j.role == "base" and not j.has_trigger]
     return protocol, base.pipe, jobs
 
 
@@ -30,12 +30,12 @@ def test_jobs_are_seed_paired_and_content_addressed(tiny_protocol):
     model = {"sha256": "m"}
     jobs = list(Plan(protocol, list(protocol.subjects), model, {"files": {"a": "1"}}, "cpu").jobs())
     s, n_prompts, k = len(protocol.subjects), len(protocol.prompts), protocol.generation.images_per_prompt
-    assert len(jobs) == s * n_prompts * k * 3
+    assert len(jobs) == s * n_prompts * k * 4
     by = {}
     for j in jobs:
         by.setdefault((j.subject, j.prompt_index, j.image_index), []).append(j)
     for group in by.values():
-        assert len({j.seed for j in group}) == 1  # base, adapter-free and adapter-trigger share the seed
+        assert len({j.seed for j in group}) == 1  # base and adapter, trigger-free and trigger, share the seed
     assert len({j.key for j in jobs}) == len(jobs)
     # without an adapter, base and adapter trigger-free images are the same image (same key)
     none = list(Plan(protocol, list(protocol.subjects[:1]), model, None, "cpu").jobs())
@@ -58,8 +58,8 @@ def test_distinct_jobs_are_the_first_job_of_each_image_in_run_order(tiny_protoco
         distinct = list(plan.distinct())
         assert distinct == list(first.values())  # in run order, so they batch as every job did
         # per prompt and seed: one trigger-free image per model (shared by both subjects, and by both roles without
-        # an adapter), and one trigger image per subject
-        assert len(distinct) == 2 * 3 * ((1 if adapter is None else 2) + 2)
+        # an adapter), and one trigger image per subject and model (the base's shared by both roles without one)
+        assert len(distinct) == 2 * 3 * ((1 + 2) if adapter is None else (2 + 4))
 
 
 def test_a_huge_plan_starts_generating_without_planning_every_image(tiny_protocol, setup, tmp_path):
@@ -83,7 +83,7 @@ def test_a_huge_plan_starts_generating_without_planning_every_image(tiny_protoco
 
     with pytest.raises(Interrupt):
         generate(pipe, counted(huge.jobs()), protocol.generation, tmp_path, 4, stop)
-    # seeds 0 and 1 of the first prompt: base (= adapter trigger-free) and trigger images, 6 jobs for 4 images
+    # seeds 0 and 1 of the first prompt: the base's (= the adapter's) trigger-free and trigger images, 6 jobs for 4 images
     assert planned == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({j.filename for j in small.jobs()
                                                                  if j.image_index < 2 and j.prompt_index == 0})

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+from kps_bench.cli import main
 from kps_bench.errors import UserError
 from kps_bench.evaluate import SubjectStats
 from kps_bench.figures import grid, plot
@@ -42,12 +44,17 @@ def test_values_equal_mean_of_run_results_and_cis_contain_them(runs):
         for r in rows.values():
             assert r[m]["ci_low"] - 1e-12 <= r[m]["value"] <= r[m]["ci_high"] + 1e-12
     assert rows["base"]["preservation"]["value"] == 1.0
-    assert rows["lora"]["n_subjects"] == 2 and rows["lora"]["n_images"] == 24
+    # distinct generated files: per (prompt, seed) the LoRA runs have 4 (base and adapter, trigger-free and trigger);
+    # the base run 2, as its adapter images are the base's
+    assert rows["lora"]["n_subjects"] == 2 and rows["lora"]["n_images"] == 2 * 2 * 2 * 4
+    assert rows["base"]["n_images"] == 2 * 2 * 2 * 2 and rows["base"]["flagged"] == rows["lora"]["flagged"] == 0.0
+    assert not rows["base"]["partial"] and not rows["lora"]["partial"]
     assert 0 < rows["lora"]["p_kps"] <= 1 and rows["lora"]["n_pairs_kps"] == 4  # 2 subjects x 2 prompts
     assert sorted(r["rank"] for r in table.rows) == [1, 2]
 
 
 def _stats(identity):
+    """Prompt statistics with the given per-prompt identity and preservation 1."""
     n = len(identity)
     ones = torch.ones(n, dtype=torch.float64)
     sums = {k: torch.zeros(n, dtype=torch.float64) for k in (
@@ -56,7 +63,7 @@ def _stats(identity):
     counts = {k: ones.clone() for k in sums}
     sums["identity"] = torch.tensor(identity, dtype=torch.float64)
     sums["preservation"] = ones.clone()
-    return SubjectStats([f"prompt {i}" for i in range(n)], sums, counts)
+    return SubjectStats([f"prompt {i}" for i in range(n)], sums, counts, ("kps",))
 
 
 def test_wilcoxon_known_p_value():
@@ -163,7 +170,55 @@ def test_a_run_with_no_scored_prompt_is_listed_unranked(runs, tmp_path):
         if isinstance(m, dict):
             m.update(value=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
     (run / "results.json").write_text(json.dumps(res))
-    (table,) = build_tables([load_run(run), load_run(runs / "lora-blue-ball")], resamples=50)
+    (table,) = build_tables([load_run(run), load_run(runs / "lora-blue-ball")], resamples=50, allow_partial=True)
     last = table.rows[-1]
     assert last["name"] == "all-flagged" and last["rank"] is None
+    assert last["flagged"] == 1.0 and table.rows[0]["flagged"] == 0.0  # black images do not hide
     assert torch.tensor(last["kps"]["ci_low"]).isnan()
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+def test_rows_over_different_subjects_are_refused_unless_allowed_and_then_marked(runs):
+    loaded = [load_run(runs / "base"), load_run(runs / "lora-red-block")]
+    with pytest.raises(UserError, match="The rows average over different subjects.*'lora' lacks blue-ball.*"
+                                        "--allow-partial"):
+        build_tables(loaded, resamples=50)
+    (table,) = build_tables(loaded, resamples=50, allow_partial=True)
+    rows = {r["name"]: r for r in table.rows}
+    assert rows["lora"]["partial"] and not rows["base"]["partial"]
+    md = render([table], "md")
+    assert "| lora (partial) |" in md and "(partial): a mean over fewer subjects than the other rows'." in md
+    assert {r["partial"] for r in csv.DictReader(io.StringIO(render([table], "csv")))} == {"True", "False"}
+    args = ["leaderboard", str(runs / "base"), str(runs / "lora-red-block"), "--resamples", "20"]
+    refused, allowed = CliRunner().invoke(main, args), CliRunner().invoke(main, args + ["--allow-partial"])
+    assert refused.exit_code == 2 and "'lora' lacks blue-ball" in refused.output
+    assert allowed.exit_code == 0 and "| lora (partial) |" in allowed.output
+
+
+def test_json_rows_keep_their_own_image_counts(runs):
+    (table,) = build_tables([load_run(d) for d in dirs(runs)], resamples=50)
+    js = json.loads(render([table], "json"))
+    assert {r["method"]: r["n_images"] for r in js} == {"base": 16, "lora": 32}
+    assert {r["n_images_total"] for r in js} == {16 + 32} and {r["flagged"] for r in js} == {0.0}
+    assert "48 generated image files in 3 runs" in render([table], "md")
+
+
+def test_a_base_run_counts_distinct_image_files(runs):
+    counts = json.loads((runs / "base" / "results.json").read_text())["counts"]
+    # 2 subjects x 2 prompts x 2 seeds x (trigger-free, trigger): the adapter's images are the base's files
+    assert counts["base"] == counts["adapter"] == counts["generated"] == 16 and counts["flagged"] == 0
+
+
+def test_the_overall_interval_of_a_run_is_its_leaderboard_row_interval(runs):
+    results = json.loads((runs / "base" / "results.json").read_text())
+    b = results["provenance"]["protocol"]["bootstrap"]
+    (table,) = build_tables([load_run(runs / "base")], resamples=b["resamples"], seed=b["seed"],
+                            confidence=b["confidence"])
+    (row,) = table.rows
+    for m in ("kps", "identity", "preservation", "clip_i", "dino", "diversity_ratio"):
+        overall = results["overall"][m]
+        assert row[m]["value"] == pytest.approx(overall["value"], abs=1e-15)
+        assert (row[m]["ci_low"], row[m]["ci_high"]) == (overall["ci_low"], overall["ci_high"])
+    assert results["metrics"]["blue-ball"]["kps"]["ci_low"] != results["overall"]["kps"]["ci_low"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kps_bench import metrics as M
+from kps_bench import registry as R
 from kps_bench.evaluate import compute_results
 from kps_bench.rundir import ImageRecord
 
@@ -64,19 +65,26 @@ def test_bootstrap_weights_are_resamples():
     assert not torch.equal(w, M.bootstrap_weights(5, 100, seed=4))
 
 
-def _records_and_embeddings():
-    """One subject, two references, one prompt with two seeds; every cosine is known by construction."""
-    e = {n: unit(*v) for n, v in {
-        "x": (1, 0, 0), "y": (0, 1, 0), "z": (0, 0, 1), "xy": (1, 1, 0), "xz": (1, 0, 1)}.items()}
-    recs, emb = [], {}
+E = {n: unit(*v) for n, v in {"x": (1, 0, 0), "y": (0, 1, 0), "z": (0, 0, 1), "xy": (1, 1, 0), "xz": (1, 0, 1)}.items()}
+
+
+def _adder(recs, emb):
+    """``add(id, role, clip, dino, trig, seed)``: append an image of subject s, prompt 0, with embeddings from E."""
 
     def add(id_, role, clip, dino, trig=False, seed=None):
         recs.append(ImageRecord(id=id_, path=f"{id_}.png", role=role, subject="s",
                                 prompt=None if role == "reference" else ("a sks cat" if trig else "a cat"),
                                 prompt_without_trigger=None if role == "reference" else "a cat",
                                 has_trigger=trig, seed=seed, prompt_index=None if role == "reference" else 0))
-        emb[f"clip/{id_}"], emb[f"dino/{id_}"] = e[clip], e[dino]
+        emb[f"clip/{id_}"], emb[f"dino/{id_}"] = E[clip], E[dino]
 
+    return add
+
+
+def _records_and_embeddings():
+    """One subject, two references, one prompt with two seeds; every cosine is known by construction."""
+    recs, emb = [], {}
+    add = _adder(recs, emb)
     add("r1", "reference", "x", "x")
     add("r2", "reference", "y", "y")
     add("t1", "adapter", "x", "x", trig=True, seed=1)   # clip cos with refs: 1, 0
@@ -85,7 +93,7 @@ def _records_and_embeddings():
     add("b2", "base", "y", "y", seed=2)
     add("a1", "adapter", "x", "x", seed=1)    # paired with b1: cos 1
     add("a2", "adapter", "xz", "x", seed=2)   # paired with b2: cos 0 ; adapter dino set collapsed
-    emb["clip_text/s/0"] = e["xz"]            # cos(t1)=R2, cos(t2)=0.5
+    emb["clip_text/s/0"] = E["xz"]            # cos(t1)=R2, cos(t2)=0.5
     return recs, emb
 
 
@@ -149,3 +157,162 @@ def test_base_as_its_own_adapter_preserves_exactly():
     assert m["preservation"]["value"] == 1.0
     assert m["diversity_ratio"]["value"] == 1.0
     assert m["vendi_ratio"]["value"] == 1.0
+
+
+# ----------------------------------------------------------------------------- chance-corrected scores (issue 14)
+
+
+def test_gain_and_kps_gain_hand_values():
+    assert float(M.gain(0.7, 0.5, 0.9)) == pytest.approx(0.5)
+    assert float(M.gain(0.5, 0.5, 0.9)) == 0.0 and float(M.gain(0.9, 0.5, 0.9)) == pytest.approx(1.0)
+    assert math.isnan(float(M.gain(0.7, 0.5, 0.505))) and math.isnan(float(M.gain(0.7, 0.5, 0.5)))  # span <= 0.01
+    assert math.isnan(float(M.gain(0.7, float("nan"), 0.9)))
+    assert float(M.preservation_gain(0.75, 0.5)) == pytest.approx(0.5)
+    assert float(M.kps_gain(0.0, 1.0)) == 0.0 and float(M.kps_gain(-0.3, 0.8)) == 0.0
+    assert float(M.kps_gain(1.5, 0.5)) == pytest.approx(2 * 1 * 0.5 / 1.5)  # clipped to 1
+    assert float(M.kps_gain(0.6, 0.3)) == pytest.approx(0.4)
+    assert math.isnan(float(M.kps_gain(float("nan"), 0.5))) and float(M.kps_gain(0.0, float("nan"))) == 0.0
+    assert torch.equal(M.off_diagonal(torch.tensor([[1, 2], [3, 4]])), torch.tensor([2, 3]))
+
+
+def _gain_records(ref2="xy"):
+    """References x and ``ref2``; adapter trigger images xz and y, base trigger images y and z (seeds 1, 2); base
+    trigger-free x, y and adapter trigger-free x, xz (seeds 1, 2)."""
+    recs, emb = [], {}
+    add = _adder(recs, emb)
+    add("r1", "reference", "x", "x")
+    add("r2", "reference", ref2, ref2)
+    add("t1", "adapter", "xz", "x", trig=True, seed=1)
+    add("t2", "adapter", "y", "y", trig=True, seed=2)
+    add("bt1", "base", "y", "y", trig=True, seed=1)
+    add("bt2", "base", "z", "z", trig=True, seed=2)
+    add("b1", "base", "x", "x", seed=1)
+    add("b2", "base", "y", "y", seed=2)
+    add("a1", "adapter", "x", "x", seed=1)
+    add("a2", "adapter", "xz", "z", seed=2)
+    emb["clip_text/s/0"] = E["x"]
+    return recs, emb
+
+
+def test_chance_corrected_scores_hand_values():
+    recs, emb = _gain_records()
+    res = compute_results(recs, emb, ["kps", "identity", "preservation"], resamples=20)
+    m = res["metrics"]["s"]
+    sim = lambda c: (1 + c) / 2  # noqa: E731
+    ceiling = sim(R2)  # cos(x, xy), both orders
+    identity = (sim(R2) + sim(0.5) + sim(0) + sim(R2)) / 4  # xz vs (x, xy); y vs (x, xy)
+    identity_base = (sim(0) + sim(R2) + sim(0) + sim(0)) / 4  # y vs (x, xy); z vs (x, xy)
+    identity_gain = (identity - identity_base) / (ceiling - identity_base)
+    assert m["identity_ceiling"]["value"] == pytest.approx(ceiling) and m["identity_ceiling"]["n"] == 2
+    assert m["identity"]["value"] == pytest.approx(identity)
+    assert m["identity_base"]["value"] == pytest.approx(identity_base) and m["identity_base"]["n"] == 4
+    assert m["identity_gain"]["value"] == pytest.approx(identity_gain) and 0 < identity_gain < 1
+    preservation, floor = (sim(1) + sim(0)) / 2, sim(0)  # (x, x), (y, xz); base x vs y
+    assert m["preservation"]["value"] == pytest.approx(preservation)
+    assert m["preservation_floor"]["value"] == pytest.approx(floor) and m["preservation_floor"]["n"] == 2
+    assert m["preservation_gain"]["value"] == pytest.approx((preservation - floor) / (1 - floor))
+    assert m["kps_gain"]["value"] == pytest.approx(2 * identity_gain * 0.5 / (identity_gain + 0.5))
+    for name in ("identity_base", "identity_ceiling", "identity_gain", "preservation_floor", "preservation_gain",
+                 "kps_gain"):  # one prompt: every interval is a point
+        assert m[name]["ci_low"] == pytest.approx(m[name]["value"]) == pytest.approx(m[name]["ci_high"])
+    assert res["overall"]["kps_gain"]["value"] == pytest.approx(m["kps_gain"]["value"])
+    assert res["warnings"] == []
+
+
+def test_gain_is_nan_with_a_warning_naming_the_subject_when_the_ceiling_is_too_low():
+    recs, emb = _gain_records(ref2="y")  # references x, y: ceiling 0.5, below identity_base
+    res = compute_results(recs, emb, ["kps", "identity", "preservation"], resamples=20)
+    m = res["metrics"]["s"]
+    assert m["identity_ceiling"]["value"] == pytest.approx(0.5)
+    assert math.isnan(m["identity_gain"]["value"]) and math.isnan(m["kps_gain"]["value"])
+    assert m["preservation_gain"]["value"] == pytest.approx(0.5)
+    (warning,) = res["warnings"]
+    assert warning.startswith("identity_gain of subject 's' is undefined (NaN): identity_ceiling - identity_base = "
+                              "-0.1250 <= 0.01")
+
+
+def test_the_base_model_as_its_own_adapter_scores_zero_gain():
+    recs, emb = _gain_records()
+    for r in recs:  # every adapter image is the base model's image of the same prompt and seed
+        if r.role == "adapter":
+            twin = next(b for b in recs if b.role == "base" and b.has_trigger == r.has_trigger and b.seed == r.seed)
+            emb[f"clip/{r.id}"], emb[f"dino/{r.id}"] = emb[f"clip/{twin.id}"], emb[f"dino/{twin.id}"]
+    m = compute_results(recs, emb, ["kps", "identity", "preservation"], resamples=20)["metrics"]["s"]
+    assert m["identity_gain"]["value"] == 0.0 and m["preservation_gain"]["value"] == 1.0
+    assert m["kps_gain"]["value"] == 0.0
+
+
+# ----------------------------------------------------------------------------- the metric engine's loose ends
+
+
+def test_a_flagged_image_is_left_out_with_its_seed_partner_and_counted_per_metric():
+    """Base trigger-free x, y, z and adapter x, x, y (seeds 1-3); the base image of seed 3 is flagged, so the adapter's
+    image of seed 3 leaves the diversity, Vendi and preservation sets too."""
+    recs, emb = [], {}
+    add = _adder(recs, emb)
+    add("r1", "reference", "x", "x")
+    add("t1", "adapter", "x", "x", trig=True, seed=1)
+    for seed, (b, a) in enumerate((("x", "x"), ("y", "x"), ("z", "y")), 1):
+        add(f"b{seed}", "base", b, b, seed=seed)
+        add(f"a{seed}", "adapter", a, a, seed=seed)
+    emb["clip_text/s/0"] = E["x"]
+    recs[-2].flags = ["black"]  # b3
+    m = compute_results(recs, emb, ["kps", "identity", "preservation", "diversity", "vendi"], resamples=10)["metrics"]["s"]
+    assert m["diversity_adapter"]["value"] == pytest.approx(0.0)  # x, x (y, the partner of the flagged z, is out)
+    assert m["diversity_base"]["value"] == pytest.approx(1.0)     # x, y
+    assert m["vendi_adapter"]["value"] == pytest.approx(1.0)
+    assert m["preservation"]["value"] == pytest.approx((1 + 0.5) / 2) and m["preservation"]["n"] == 2
+    assert m["preservation"]["flagged"] == 2 and m["diversity_adapter"]["flagged"] == 1
+    assert m["diversity_ratio"]["flagged"] == 2 and m["identity"]["flagged"] == 0 and m["kps"]["flagged"] == 2
+
+
+def test_null_or_repeated_seeds_are_refused_naming_the_rows():
+    from kps_bench.errors import UserError
+
+    recs, emb = _records_and_embeddings()
+    next(r for r in recs if r.id == "b2").seed = 1
+    next(r for r in recs if r.id == "a1").seed = None
+    with pytest.raises(UserError) as e:
+        compute_results(recs, emb, ["preservation"], resamples=10)
+    assert "'a1' has no seed" in str(e.value)
+    assert "seed 1 is repeated by 'b1', 'b2' (base, trigger-free prompt 0 of subject 's')" in str(e.value)
+
+
+def test_counts_are_distinct_image_files():
+    recs, emb = _records_and_embeddings()
+    for r in recs:  # a base run: the adapter's trigger-free images are the base's files
+        if r.role == "adapter" and not r.has_trigger:
+            r.path = "b" + r.path[1:]
+    counts = compute_results(recs, emb, ["kps"], resamples=10)["counts"]
+    assert {k: counts[k] for k in ("reference", "base", "adapter", "generated")} == {
+        "reference": 2, "base": 2, "adapter": 4, "generated": 4}
+
+
+ENCODED = {"clip": ("clip/", "clip_text/"), "dino": ("dino/",)}
+
+
+@pytest.mark.parametrize("subset", [tuple(m for i, m in enumerate(R.PROTOCOL_METRICS) if mask >> i & 1)
+                                    for mask in range(1 << len(R.PROTOCOL_METRICS))], ids=lambda s: "+".join(s) or "none")
+def test_every_metric_subset_computes_exactly_its_metrics_from_its_embeddings(subset):
+    """Only the embeddings of the encoders a subset needs are given: the others must not be read. The values are
+    those of the full computation."""
+    recs, emb = _gain_records()
+    full = compute_results(recs, emb, R.PROTOCOL_METRICS, resamples=10)["metrics"]["s"]
+    need = R.encoders_needed(subset)
+    given = {k: v for k, v in emb.items() if any(k.startswith(p) for e in need for p in ENCODED[e])}
+    m = compute_results(recs, given, list(subset), resamples=10)["metrics"]["s"]
+    expected = {x.name for x in R.METRICS.values() if x.enabled_by in subset}
+    assert set(m) - {"n_prompts"} == expected
+    for name in expected:
+        assert m[name] == pytest.approx(full[name], nan_ok=True)
+
+
+def test_the_registry_is_consistent():
+    assert {m.enabled_by for m in R.METRICS.values() if not m.truth} == set(R.PROTOCOL_METRICS)
+    for m in R.METRICS.values():
+        assert all(i in R.METRICS for i in m.inputs) and bool(m.inputs) == bool(m.formula)
+        assert (bool(m.encoders) or bool(m.inputs)) != bool(m.truth)
+        assert not m.formula or callable(getattr(M, m.formula))
+    assert R.encoders_needed(["kps", "identity", "preservation"]) == {"clip"}
+    assert R.closure(["kps_gain"]) == ["kps_gain", "identity", "identity_base", "identity_ceiling", "identity_gain",
+                                       "preservation", "preservation_floor", "preservation_gain"]

@@ -44,7 +44,7 @@ def test_a_run_with_a_fine_tuned_pipeline(tiny, tiny_protocol, tuned, tmp_path):
                         RunOptions(out=tmp_path, adapter=str(tuned), subjects=("red-block",), device="cpu",
                                    cache_dir=tmp_path / "cache"))
     assert res["provenance"]["adapter"]["kind"] == "pipeline"
-    assert res["provenance"]["images_made"] == {"base": 2, "adapter": 4}
+    assert res["provenance"]["images_made"] == {"base": 4, "adapter": 4}
     rows = [json.loads(line) for line in (tmp_path / "images.jsonl").read_text().splitlines()]
     free = {(r["role"], r["seed"]): r["sha256"] for r in rows if r["role"] != "reference" and not r["has_trigger"]}
     # the changed UNet draws other trigger-free images than the base

@@ -28,10 +28,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tiny_protocol, tmp_pat
                                   "--subject", "red-block", "--out", str(tmp_path / "ti"), "--device", "cpu",
                                   "--cache-dir", str(cache), "--dry-run"])
     assert r.exit_code == 0, r.output
-    # the lora run left the 4 base images in the cache; textual inversion's 8 adapter images are new;
-    # 4 references + 12 generated images per encoder, 2 trigger-free prompts for CLIP's text encoder
-    for line in ("base images: 0 to generate, 4 already made (run folder or image cache)",
-                 "adapter images: 8 to generate, 0 already made", "clip encoder: 16 images", "dino encoder: 16 images",
+    # the lora run left the 8 base images (trigger-free and trigger prompts) in the cache; textual inversion's 8
+    # adapter images are new; 4 references + 16 generated images per encoder, 2 trigger-free prompts for CLIP's text
+    # encoder
+    for line in ("base images: 0 to generate, 8 already made (run folder or image cache)",
+                 "adapter images: 8 to generate, 0 already made", "clip encoder: 20 images", "dino encoder: 20 images",
                  "clip text encoder: 2 prompts", "estimated time: "):
         assert line in r.output
     assert listing(tmp_path) == before and not (tmp_path / "ti").exists()
@@ -41,13 +42,13 @@ def test_the_estimate_is_the_calibration_times_the_work(tiny, tiny_protocol, tmp
     protocol = load_protocol(str(tiny_protocol), ["generation.steps=6", "generation.batch_size=3"])
     plan = plan_run(protocol, RunOptions(out=tmp_path / "run", adapter=str(tiny / "lora"), subjects=("blue-ball",),
                                          device="cpu", cache_dir=tmp_path / "cache"))
-    assert plan.new == {"base": 4, "adapter": 8} and plan.reused == {"base": 0, "adapter": 0}
+    assert plan.new == {"base": 8, "adapter": 8} and plan.reused == {"base": 0, "adapter": 0}
     c = plan.calibration
     assert c.batch == 3 and c.call_s >= 0 and c.step_s > 0 and set(c.encode_s) == {"clip", "dino"}
     assert all(s > 0 for s in c.encode_s.values())
-    calls = math.ceil(4 / 3) + math.ceil(8 / 3)  # 2 base and 3 adapter calls of up to 3 images
+    calls = math.ceil(8 / 3) + math.ceil(8 / 3)  # 3 base and 3 adapter calls of up to 3 images
     assert math.isclose(plan.generate_s, calls * (c.call_s + 6 * c.step_s))
-    assert math.isclose(plan.encode_s, 16 * (c.encode_s["clip"] + c.encode_s["dino"]))
+    assert math.isclose(plan.encode_s, 20 * (c.encode_s["clip"] + c.encode_s["dino"]))
     assert list(tmp_path.iterdir()) == []
 
 

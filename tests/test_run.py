@@ -13,6 +13,11 @@ from kps_bench.cli import main
 from kps_bench.protocol import load_protocol
 from kps_bench.run import RunOptions, recompute, run_benchmark, score_manifest
 
+def same(a, b) -> bool:
+    """Equal results, NaN equal to NaN (the tiny models leave some chance-corrected scores undefined)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 ALL_RECORD_FIELDS = {"id", "path", "role", "subject", "prompt", "prompt_without_trigger", "has_trigger", "seed"}
 
 
@@ -29,8 +34,11 @@ def test_run_directory_format(lora_run):
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
     assert all(ALL_RECORD_FIELDS <= set(r) for r in rows)
     roles = [r["role"] for r in rows]
-    # 4 references; 2 prompts x 2 images: base (free), adapter (free), adapter (trigger)
-    assert roles.count("reference") == 4 and roles.count("base") == 4 and roles.count("adapter") == 8
+    # 4 references; 2 prompts x 2 images: base (free, trigger), adapter (free, trigger)
+    assert roles.count("reference") == 4 and roles.count("base") == 8 and roles.count("adapter") == 8
+    base_trigger = {r["seed"]: r for r in rows if r["role"] == "base" and r["has_trigger"]}
+    adapter_trigger = [r for r in rows if r["role"] == "adapter" and r["has_trigger"]]
+    assert len(base_trigger) == 4 and all(base_trigger[r["seed"]]["prompt"] == r["prompt"] for r in adapter_trigger)
     for r in rows:
         assert (out / r["path"]).is_file()
         if r["role"] == "adapter" and r["has_trigger"]:
@@ -43,7 +51,7 @@ def test_run_directory_format(lora_run):
             assert e.dtype == torch.float32 and abs(float(e.norm()) - 1) < 1e-5
     assert {"clip_text/red-block/0", "clip_text/red-block/1"} <= set(emb)
     prov = results["provenance"]
-    assert results["kps_version"] == "1" and len(prov["protocol_sha256"]) == 64
+    assert results["kps_version"] == "2" and len(prov["protocol_sha256"]) == 64
     assert prov["adapter"]["kind"] == "lora" and len(prov["adapter"]["files"]["pytorch_lora_weights.safetensors"]) == 64
     assert len(prov["base_model"]["sha256"]) == 64
     for key in ("packages", "device", "timings_s", "start_time", "end_time", "seeds", "batch_size", "encoders"):
@@ -53,9 +61,12 @@ def test_run_directory_format(lora_run):
         assert prov["packages"][name]
     assert prov["encoders"]["clip"]["weights_sha256"]
     m = results["metrics"]["red-block"]
-    for name in ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio"):
-        assert set(m[name]) == {"value", "ci_low", "ci_high", "n"}
-        assert m[name]["ci_low"] <= m[name]["value"] + 1e-12 and m[name]["value"] <= m[name]["ci_high"] + 1e-12
+    for name in ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio", "vendi_ratio",
+                 "kps_gain", "identity_gain", "identity_base", "identity_ceiling", "preservation_gain",
+                 "preservation_floor"):
+        assert set(m[name]) == {"value", "ci_low", "ci_high", "n", "flagged"}
+        if not math.isnan(m[name]["value"]):  # the tiny CLIP sees two seeds of a prompt as one: no preservation_gain
+            assert m[name]["ci_low"] <= m[name]["value"] + 1e-12 and m[name]["value"] <= m[name]["ci_high"] + 1e-12
     # the random LoRA changes the trigger-free images: preservation strictly below 1
     assert m["preservation"]["value"] < 1.0
 
@@ -63,8 +74,8 @@ def test_run_directory_format(lora_run):
 def test_metrics_recompute_from_manifest_and_embeddings(lora_run):
     out, results = lora_run
     again = recompute(out)
-    assert again["metrics"] == results["metrics"]
-    assert again["overall"] == results["overall"]
+    assert same(again["metrics"], results["metrics"])
+    assert same(again["overall"], results["overall"])
 
 
 def test_rerun_reuses_every_image(lora_run, tiny, tiny_protocol):
@@ -74,7 +85,7 @@ def test_rerun_reuses_every_image(lora_run, tiny, tiny_protocol):
                           RunOptions(out=out, adapter=str(tiny / "lora"), subjects=("red-block",), device="cpu"))
     assert again["provenance"]["images_made"] == {"base": 0}
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
-    assert again["metrics"] == results["metrics"]
+    assert same(again["metrics"], results["metrics"])
 
 
 @pytest.mark.parametrize("kind", ["pipeline", "none"])
@@ -86,6 +97,12 @@ def test_base_as_its_own_adapter(tiny, tiny_protocol, tmp_path, kind):
     m = res["metrics"]["red-block"]
     assert m["preservation"]["value"] == 1.0
     assert m["diversity_ratio"]["value"] == 1.0
+    assert m["identity"]["value"] == m["identity_base"]["value"] < m["identity_ceiling"]["value"] - 0.01
+    assert m["identity_gain"]["value"] == 0.0 and m["kps_gain"]["value"] == 0.0
+    assert res["overall"]["kps_gain"]["value"] == 0.0
+    # the tiny random CLIP sees two seeds of a prompt as nearly one image: preservation_gain is undefined (its
+    # denominator 1 - preservation_floor is below 0.01), and kps_gain is 0 all the same (no identity gain)
+    assert m["preservation_floor"]["value"] > 0.99 and math.isnan(m["preservation_gain"]["value"])
 
 
 def test_textual_inversion_adapter(tiny, tiny_protocol, tmp_path):
@@ -121,7 +138,7 @@ def test_score_existing_images_matches_run(lora_run, tiny_protocol, tmp_path):
     for name in ("kps", "identity", "preservation", "clip_i", "clip_t", "dino", "diversity_ratio"):
         assert scored["metrics"]["red-block"][name]["value"] == pytest.approx(
             results["metrics"]["red-block"][name]["value"], abs=1e-12)
-    assert recompute(tmp_path / "scored")["metrics"] == scored["metrics"]
+    assert same(recompute(tmp_path / "scored")["metrics"], scored["metrics"])
 
 
 def test_the_loaded_dtype_is_the_requested_one(tiny):
@@ -255,8 +272,8 @@ def test_undefined_kps_is_nan_and_ranked_last(lora_run, tiny_protocol, tmp_path)
                                   str(tmp_path / "no-base"), "--device", "cpu", "--label", "adapter-alone"])
     assert r.exit_code == 0, r.output
     warning = " ".join(r.output.split())
-    assert "warning: diversity_base, diversity_ratio, kps, preservation, vendi_base, vendi_ratio could not be " \
-           "computed (NaN)" in warning and "the leaderboard ranks such runs last" in warning
+    assert "warning: diversity_base, diversity_ratio, identity_base, identity_gain, kps, kps_gain, preservation, " \
+           "preservation_floor, preservation_gain, vendi_base, vendi_ratio could not be computed (NaN)" in warning and "the leaderboard ranks such runs last" in warning
     res = json.loads((tmp_path / "no-base" / "results.json").read_text())
     m = res["metrics"]["red-block"]
     assert m["preservation"]["n"] == 0 and math.isnan(m["preservation"]["value"]) and math.isnan(m["kps"]["value"])
@@ -276,7 +293,7 @@ def test_more_than_half_flagged_fails_the_run_but_writes_its_results(tiny, tiny_
     assert r.exit_code == 2, r.output
     assert "Error: 8 of 8 adapter images are NaN or all black" in r.output and "marked as failed" in r.output
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["status"] == "failed" and res["counts"]["flagged"] == 12 and "8 of 8 adapter" in res["failure"]
+    assert res["status"] == "failed" and res["counts"]["flagged"] == 16 and "8 of 8 adapter" in res["failure"]
     board = CliRunner().invoke(main, ["leaderboard", str(tmp_path)])
     assert board.exit_code == 2 and "is marked as failed" in board.output
 
@@ -295,7 +312,7 @@ def test_corrupt_cached_image_and_stale_temporaries_are_replaced(lora_run, tiny,
     assert r.exit_code == 0, r.output
     assert "is corrupt (0 bytes); making it again" in " ".join(r.output.split())
     assert victim.read_bytes() == good and not stale.exists()
-    assert json.loads((run / "results.json").read_text())["metrics"] == results["metrics"]
+    assert same(json.loads((run / "results.json").read_text())["metrics"], results["metrics"])
 
 
 def test_an_interrupted_rescore_is_detected(lora_run, tmp_path):
@@ -311,3 +328,50 @@ def test_an_interrupted_rescore_is_detected(lora_run, tmp_path):
     for reader in (load_run, recompute):
         with pytest.raises(UserError, match="is inconsistent: its images.jsonl is not the one its results.json"):
             reader(run)
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+def _manifest_of(lora_run, tmp_path, edit=lambda rows: rows):
+    """The LoRA run's generated images in a manifest of another tool (no references), after ``edit``."""
+    out, _ = lora_run
+    manifest = tmp_path / "m" / "images.jsonl"
+    shutil.copytree(out / "images", manifest.parent / "images")
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    manifest.write_text("\n".join(json.dumps(r) for r in edit([r for r in rows if r["role"] != "reference"])))
+    return manifest
+
+
+def test_score_refuses_null_and_repeated_seeds_naming_the_rows(lora_run, tiny_protocol, tmp_path):
+    def edit(rows):
+        free = [r for r in rows if r["role"] == "base" and not r["has_trigger"] and r["prompt_index"] == 0]
+        free[1]["seed"] = free[0]["seed"]
+        rows[-1]["seed"] = None
+        return rows
+
+    manifest = _manifest_of(lora_run, tmp_path, edit)
+    r = CliRunner().invoke(main, ["score", "--manifest", str(manifest), "--protocol", str(tiny_protocol), "--out",
+                                  str(tmp_path / "scored"), "--device", "cpu"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert "'red-block:adapter:trigger:p1:k1' has no seed" in text
+    assert ("is repeated by 'red-block:base:free:p0:k0', 'red-block:base:free:p0:k1' (base, trigger-free prompt 0 "
+            "of subject 'red-block')") in text
+    assert not (tmp_path / "scored" / "results.json").exists()
+
+
+def test_a_protocol_without_dino_metrics_scores_without_dino(lora_run, tiny_protocol, tmp_path):
+    """`metrics: [kps, identity, preservation]` loads no DINO encoder, stores no DINO embedding, and computes exactly
+    the metrics those enable, equal to the full protocol's."""
+    manifest = _manifest_of(lora_run, tmp_path)
+    protocol = load_protocol(str(tiny_protocol), ["metrics=[kps, identity, preservation]"])
+    res = score_manifest(protocol, manifest, tmp_path / "scored", "cpu")
+    assert set(res["provenance"]["encoders"]) == {"clip"}
+    assert not any(k.startswith("dino/") for k in load_file(str(tmp_path / "scored" / "embeddings.safetensors")))
+    m, full = res["metrics"]["red-block"], lora_run[1]["metrics"]["red-block"]
+    assert set(m) - {"n_prompts"} == {"kps", "kps_gain", "identity", "identity_base", "identity_ceiling",
+                                      "identity_gain", "preservation", "preservation_floor", "preservation_gain"}
+    for name in ("kps", "kps_gain", "identity_gain", "preservation_gain"):
+        assert m[name]["value"] == pytest.approx(full[name]["value"], abs=1e-12, nan_ok=True)
+    assert same(recompute(tmp_path / "scored")["metrics"], res["metrics"])

@@ -385,6 +385,7 @@ class Trainer:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
+        from ..family import SDXL, base_family
         from ..models import load_pipeline, resolve_device
         from ..provenance import now_iso
         from ..run import reference_images
@@ -403,13 +404,18 @@ class Trainer:
         resolved = self.protocol.resolve(self.protocol.base_model, "pipeline")
         loaded = load_pipeline(self.protocol.base_model, resolved, "cpu", "float32", self.protocol.generation.scheduler)
         self.pipe, self.base_identity = loaded.pipe, loaded.identity
+        family = base_family(self.pipe)
+        if family.name == SDXL:
+            raise UserError(f"Base model '{self.protocol.base_model}' is SDXL ({family.pipeline_class}), and "
+                            f"train-baseline does not train SDXL: its trainers ({', '.join(METHODS)}) train Stable "
+                            f"Diffusion 1.x/2.x pipelines (UNet, VAE, one CLIP text encoder). Train SDXL adapters "
+                            f"with another tool (e.g. diffusers' train_dreambooth_lora_sdxl.py) and evaluate them with "
+                            f"`kps-bench run --adapter`, which loads SDXL LoRAs, two-encoder textual inversions and "
+                            f"fine-tuned SDXL pipelines; or train on an SD 1.x/2.x base (the protocol's base_model).")
         for name in ("unet", "vae", "text_encoder", "tokenizer"):
             if getattr(self.pipe, name, None) is None:
                 raise UserError(f"Base model '{self.protocol.base_model}' has no '{name}': train-baseline supports "
                                 f"Stable-Diffusion-style pipelines (UNet, VAE, one CLIP text encoder).")
-        if getattr(self.pipe, "text_encoder_2", None) is not None:
-            raise UserError(f"Base model '{self.protocol.base_model}' has two text encoders (SDXL); train-baseline "
-                            f"supports Stable Diffusion 1.x/2.x-style pipelines.")
         for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             m.requires_grad_(False)
             m.eval()

@@ -127,10 +127,10 @@ def truth(run_dir, world_dir=None, write: bool = True, records=None) -> dict:
         trig = [r for r in mine if r["role"] == "adapter" and r.get("has_trigger")]
         free = [r for r in mine if r["role"] == "adapter" and not r.get("has_trigger")]
         free_prompts = {r.get("prompt_without_trigger") or r.get("prompt") for r in free}
-        base = [r for r in mine if r["role"] == "base"
+        base = [r for r in mine if r["role"] == "base" and not r.get("has_trigger")
                 and (r.get("prompt_without_trigger") or r.get("prompt")) in free_prompts]
         if not base:  # base images may not carry the subject; match on prompts
-            base = [r for r in rows if r["role"] == "base"
+            base = [r for r in rows if r["role"] == "base" and not r.get("has_trigger")
                     and (r.get("prompt_without_trigger") or r.get("prompt")) in free_prompts]
         tv = {k: tv_distance([r["_probe"][k] for r in free], [r["_probe"][k] for r in base]) for k in FACTORS}
         vals = [v for v in tv.values() if v == v]
