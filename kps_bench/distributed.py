@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from .errors import UserError
+from .errors import UserError, as_user_error
 
 T = TypeVar("T")
 
@@ -71,7 +71,9 @@ class Ranks:
     def check(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank, then a meeting of all ranks: when it raised on any rank, it raises on every rank
         (the rank's own error there, one that names the failed rank elsewhere), so no rank waits for one that
-        stopped. Returns this rank's value."""
+        stopped. A user error (a UserError, or what :func:`~kps_bench.errors.as_user_error` makes one of: a path that
+        cannot be written, a full disk) is a UserError on every rank, so every rank exits 2, with its message.
+        Returns this rank's value."""
         try:
             value = fn()
         except Exception as e:
@@ -108,8 +110,10 @@ class Ranks:
             return
         import torch.distributed as dist
 
-        outcomes = [None] * self.world
-        report = None if error is None else (isinstance(error, UserError), str(error) or type(error).__name__)
+        outcomes, report = [None] * self.world, None
+        if error is not None:
+            user = error if isinstance(error, UserError) else as_user_error(error)
+            report = (True, str(user)) if user else (False, str(error) or type(error).__name__)
         dist.all_gather_object(outcomes, report, group=self.group)
         if error is not None:
             return

@@ -1,6 +1,7 @@
 """Several ranks on one run (torchrun / accelerate launch): the work is dealt in one process's batches, the ranks
 exchange over gloo, and the run folder is bit-identical to a one-process run's."""
 
+import errno
 import json
 import multiprocessing
 import os
@@ -60,14 +61,23 @@ def _exchange(rank: int, port: int, results) -> None:
             ranks.check(fails_on_rank_1)
         except UserError as e:
             got["error"] = str(e)
+
+        def cannot_write_on_rank_0():  # a user error that is not a UserError where it happens (see as_user_error)
+            if ranks.rank == 0:
+                raise PermissionError(errno.EACCES, "Permission denied", "/shared/runs/x")
+
+        try:
+            ranks.check(cannot_write_on_rank_0)
+        except Exception as e:  # noqa: BLE001 - the test records what each rank raises
+            got["os_error"] = (type(e).__name__, str(e))
     results.put((rank, got))
 
 
 def test_ranks_exchange_over_gloo_and_a_failure_stops_every_rank():
-    """gather (to rank 0), on_main (to all), the deal, and an error on one rank raised on both: none waits."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """gather (to rank 0), on_main (to all), the deal, and an error on one rank raised on both: none waits. A user
+    error that the CLI turns into a message (a path that cannot be written) is a UserError on the other ranks, with
+    that message, so they exit 2 as well (they exited 1, "Internal error")."""
+    port = _free_port()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_exchange, args=(r, port, results)) for r in range(2)]
@@ -78,8 +88,12 @@ def test_ranks_exchange_over_gloo_and_a_failure_stops_every_rank():
         p.join(timeout=60)
         assert p.exitcode == 0
     assert got[0] == {"gather": [1, 11], "on_main": "0", "mine": [0, 2, 4, 6],
-                      "error": "rank 1 of 2 stopped: bad input on rank 1"}
-    assert got[1] == {"gather": None, "on_main": "0", "mine": [1, 3, 5], "error": "bad input on rank 1"}
+                      "error": "rank 1 of 2 stopped: bad input on rank 1",
+                      "os_error": ("PermissionError", "[Errno 13] Permission denied: '/shared/runs/x'")}
+    assert got[1] == {"gather": None, "on_main": "0", "mine": [1, 3, 5], "error": "bad input on rank 1",
+                      "os_error": ("UserError", "rank 0 of 2 stopped: Cannot access '/shared/runs/x': Permission "
+                                                "denied. Choose a path you can write to (e.g. under your home folder) "
+                                                "or fix its permissions, then re-run.")}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +151,26 @@ def _kps_bench(*args, launcher=(), env=None):
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_ranks(*args, cwds) -> list[subprocess.CompletedProcess]:
+    """``python -m kps_bench ARGS`` as the ranks of one launch, rank i in the folder ``cwds[i]``, each started here
+    with the environment that torchrun gives its workers: so each rank's exit code is seen (torchrun itself exits 1
+    whenever a worker fails)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(len(cwds)), "LOCAL_WORLD_SIZE": str(len(cwds)),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "kps_bench", *map(str, args)], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank, cwd in enumerate(cwds)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_write_the_run_folder_of_one(tiny, tiny_protocol, tmp_path):
     """`torchrun --nproc_per_node 2 -m kps_bench run --device cpu` (gloo) against one process: every PNG,
@@ -179,3 +213,26 @@ def test_a_rank_that_fails_stops_the_others(tiny, tiny_protocol, tmp_path):
     assert f"Error: The run folder '{out}' is in use by another kps-bench process" in output
     assert f"Error: rank 0 of 2 stopped: The run folder '{out}' is in use" in output
     assert not (out / "images").exists()
+
+
+@pytest.mark.slow
+def test_a_user_error_exits_2_on_every_rank(tiny_protocol, tmp_path):
+    """A user error on one rank is a user error on every rank: each prints it and exits 2. Rank 0 finds the run
+    folder locked by another process; then the ranks run in two folders (as on two machines without a shared file
+    system) and rank 1 cannot see the folder that rank 0 locked."""
+    args = ["run", "--protocol", tiny_protocol, "--adapter-kind", "none", "--subject", "red-block", "--device", "cpu",
+            "--cache-dir", tmp_path / "cache", "--out", "run"]
+    with exclusive(tmp_path / "run" / RUN_LOCK, f"run folder '{tmp_path / 'run'}'"):
+        locked = _as_ranks(*args, cwds=[tmp_path, tmp_path])
+    machines = [tmp_path / "machine-0", tmp_path / "machine-1"]
+    for folder in machines:
+        folder.mkdir()
+    apart = _as_ranks(*args, cwds=machines)
+    assert [r.returncode for r in locked + apart] == [2, 2, 2, 2], [r.stderr for r in locked + apart]
+    said = [" ".join(r.stderr.split()) for r in locked + apart]
+    assert said[0].startswith("Error: The run folder 'run' is in use by another kps-bench process")
+    assert said[1].startswith("Error: rank 0 of 2 stopped: The run folder 'run' is in use by another kps-bench")
+    assert said[2].startswith("Error: rank 1 of 2 stopped: Rank 1 does not see the run folder 'run' that rank 0 "
+                              "locked: the ranks write one folder. Give an --out on a file system that every machine")
+    assert said[3].startswith("Error: Rank 1 does not see the run folder 'run' that rank 0 locked")
+    assert not (machines[0] / "run" / RUN_LOCK).exists() and not (machines[1] / "run").exists()
