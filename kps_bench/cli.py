@@ -119,7 +119,9 @@ def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype
     if dry_run:
         from .plan import plan_run
 
-        click.echo(plan_run(protocol, opts).text())
+        plan = plan_run(protocol, opts)
+        if plan is not None:  # None on the ranks other than 0 under a launcher
+            click.echo(plan.text())
         return
     results = run_benchmark(protocol, opts)
     if results is not None:  # None on the ranks other than 0 under a launcher

@@ -236,3 +236,23 @@ def test_a_user_error_exits_2_on_every_rank(tiny_protocol, tmp_path):
                               "locked: the ranks write one folder. Give an --out on a file system that every machine")
     assert said[3].startswith("Error: Rank 1 does not see the run folder 'run' that rank 0 locked")
     assert not (machines[0] / "run" / RUN_LOCK).exists() and not (machines[1] / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_dry_run_on_two_ranks_is_planned_and_printed_by_rank_0(tiny, tiny_protocol, tmp_path):
+    """`run --dry-run` under a launcher: rank 0 plans the whole run and prints it, for two processes; rank 1 prints
+    nothing and exits 0. Nothing is written. A user error on rank 0 (an unknown subject) exits 2 on both."""
+    args = ["run", "--protocol", tiny_protocol, "--adapter", tiny / "lora", "--device", "cpu", "--cache-dir",
+            tmp_path / "cache", "--out", tmp_path / "run", "--dry-run"]
+    ok = _as_ranks(*args, "--subject", "red-block", cwds=[tmp_path, tmp_path])
+    assert [r.returncode for r in ok] == [0, 0], [r.stderr for r in ok]
+    assert ok[1].stdout == ""
+    for line in ("base images: 8 to generate, 0 already made", "adapter images: 8 to generate, 0 already made",
+                 "clip encoder: 20 images", "estimated time: ", "processes: 2, dealt the generation and encoder "
+                 "batches in turn"):
+        assert ok[0].stdout.count(line) == 1, ok[0].stdout
+    assert not (tmp_path / "run").exists()
+    bad = _as_ranks(*args, "--subject", "nosuch", cwds=[tmp_path, tmp_path])
+    assert [r.returncode for r in bad] == [2, 2]
+    assert " ".join(bad[0].stderr.split()).startswith("Error: Unknown subject 'nosuch' in protocol 'tiny'.")
+    assert " ".join(bad[1].stderr.split()).startswith("Error: rank 0 of 2 stopped: Unknown subject 'nosuch'")
