@@ -385,7 +385,6 @@ class Trainer:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
-        from ..family import SDXL, base_family
         from ..models import load_pipeline, resolve_device
         from ..provenance import now_iso
         from ..run import reference_images
@@ -404,14 +403,7 @@ class Trainer:
         resolved = self.protocol.resolve(self.protocol.base_model, "pipeline")
         loaded = load_pipeline(self.protocol.base_model, resolved, "cpu", "float32", self.protocol.generation.scheduler)
         self.pipe, self.base_identity = loaded.pipe, loaded.identity
-        family = base_family(self.pipe)
-        if family.name == SDXL:
-            raise UserError(f"Base model '{self.protocol.base_model}' is SDXL ({family.pipeline_class}), and "
-                            f"train-baseline does not train SDXL: its trainers ({', '.join(METHODS)}) train Stable "
-                            f"Diffusion 1.x/2.x pipelines (UNet, VAE, one CLIP text encoder). Train SDXL adapters "
-                            f"with another tool (e.g. diffusers' train_dreambooth_lora_sdxl.py) and evaluate them with "
-                            f"`kps-bench run --adapter`, which loads SDXL LoRAs, two-encoder textual inversions and "
-                            f"fine-tuned SDXL pipelines; or train on an SD 1.x/2.x base (the protocol's base_model).")
+        refuse_sdxl(self.protocol, type(self.pipe))  # a base that declared no class make_trainer could read
         for name in ("unet", "vae", "text_encoder", "tokenizer"):
             if getattr(self.pipe, name, None) is None:
                 raise UserError(f"Base model '{self.protocol.base_model}' has no '{name}': train-baseline supports "
@@ -774,14 +766,29 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def refuse_sdxl(protocol: Protocol, pipeline_class: type | None) -> None:
+    """Stop with a UserError when the base's pipeline class (None: not known) is SDXL, which no trainer trains."""
+    from ..family import SDXL, family_of
+
+    if pipeline_class is not None and family_of(pipeline_class) == SDXL:
+        raise UserError(f"Base model '{protocol.base_model}' is SDXL ({pipeline_class.__name__}), and train-baseline "
+                        f"does not train SDXL: its trainers ({', '.join(METHODS)}) train Stable Diffusion 1.x/2.x "
+                        f"pipelines (UNet, VAE, one CLIP text encoder). Train SDXL adapters with another tool (e.g. "
+                        f"diffusers' train_dreambooth_lora_sdxl.py) and evaluate them with `kps-bench run --adapter`, "
+                        f"which loads SDXL LoRAs, two-encoder textual inversions and fine-tuned SDXL pipelines; or "
+                        f"train on an SD 1.x/2.x base (the protocol's base_model).")
+
+
 def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device: str = "auto", overrides=(),
                  resume: bool = False, stop_after: int | None = None) -> Trainer:
-    """Validate every input (method, subject, references, recipe, output folder) before anything is written; the
-    caller has checked that ``out`` can be written and holds its lock."""
+    """Validate every input (method, base model family, subject, references, recipe, output folder) before anything
+    is written or loaded; the caller has checked that ``out`` can be written and holds its lock."""
+    from ..family import declared_pipeline_class
     from ..run import reference_images
 
     if method not in METHODS:
         raise UserError(f"Unknown training method '{method}'. Known methods: {', '.join(METHODS)}.")
+    refuse_sdxl(protocol, declared_pipeline_class(protocol.resolve(protocol.base_model, "pipeline")))
     subject = protocol.subject(subject_name)
     reference_images(protocol, subject)
     recipe, sources = load_recipe(method, protocol, overrides)
