@@ -2,7 +2,7 @@
 
 Values are means over subjects of the per-subject values in each run's results.json. Confidence
 intervals come from a two-level bootstrap (subjects with replacement, then each drawn subject's
-prompts with replacement; :func:`kps_bench.evaluate.mean_over_subjects`, as results.json's ``overall``),
+prompts with replacement; :func:`kps_bench.metrics.resampled_mean`, as results.json's ``overall``),
 recomputed from the runs' stored embeddings. Rows must average over the same subjects (methods, with
 ``--group-by subject``) unless partial rows are allowed, and are then marked. With a reference method,
 every other method is compared to it on per-(subject, prompt) KPS and preservation with a
@@ -22,7 +22,7 @@ import torch
 
 from . import metrics as M
 from .errors import UserError
-from .evaluate import SubjectStats, mean_over_subjects, prompt_resamples, subject_stats
+from .evaluate import SubjectStats, prompt_resamples, subject_stats
 from .registry import COLUMNS, GROUND_TRUTH, METRICS, reported
 from .rundir import ImageRecord, check_run_files, load_embeddings, read_manifest
 
@@ -214,7 +214,7 @@ def _table(runs: list[Run], group_by: str, reference: str | None, resamples: int
         boot = prompt_resamples([r.stats[s] for r, s in items], resamples, seed + gi)
         for m in available:
             value = sum(r.results["metrics"][s][m]["value"] for r, s in items) / len(items)
-            samples = mean_over_subjects(torch.stack([b[m] for b in boot]), seed + gi)
+            samples = M.resampled_mean(torch.stack([b[m] for b in boot]), seed + gi)
             lo, hi = M.percentile_interval(samples, confidence)
             row[m] = {"value": value, "ci_low": lo, "ci_high": hi}
         for c in gt_cols:
