@@ -69,8 +69,7 @@ def _protocol(name, sets):
 
 
 SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set subjects.0.trigger=zwx (repeatable)."
-PARTIAL_HELP = ("List rows that average over fewer subjects (methods, with --group-by subject) than the others, marked "
-                "'(partial)', instead of refusing.")
+PARTIAL_HELP = "List methods run on fewer subjects than the others, marked '(partial)', instead of refusing."
 CACHE_HELP = ("Image cache shared by runs, so base images are made once for every method (default: $KPS_BENCH_CACHE, "
               "else ~/.cache/kps-bench). Run folders get hard links (or copies) of its images.")
 
@@ -215,18 +214,23 @@ def protocols_validate(path):
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--group-by", type=click.Choice(["method", "subject"]), default="method", show_default=True,
-              help="One row per method (mean over its subjects) or per subject.")
-@click.option("--reference", help="Method to test every other method against (Wilcoxon signed-rank on kps and "
-              "preservation over (subject, prompt) pairs).")
+              help="One row per method (mean over its subjects and training seeds), or a subject x method table of "
+                   "kps.")
+@click.option("--reference", help="Method to compare every other method with on kps and preservation: median paired "
+              "difference over (subject, prompt) pairs with its CI, and Wilcoxon signed-rank p-values, Holm-corrected.")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "tex", "json"]), default="md", show_default=True,
-              help="Markdown, CSV, LaTeX tabular, or JSON (one row per method and metric).")
+              help="Markdown, CSV, LaTeX (booktabs table with caption and label), or JSON (one row per method and "
+                   "metric, or per subject and method).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
 @click.option("--allow-mixed", is_flag=True, help="Put runs of different protocols in separate tables instead of refusing.")
 @click.option("--allow-partial", is_flag=True, help=PARTIAL_HELP)
 @click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, allow_partial, resamples, seed):
-    """Turn run directories into a leaderboard with 95% CIs, ranks and significance."""
+    """Turn run directories into a leaderboard with 95% CIs, training-seed spread, ranks and significance.
+
+    Runs of one method and subject are training-seed replicates; their seeds (from the adapters' training.json)
+    must differ."""
     from .leaderboard import build_tables, load_run, render
     from .rundir import check_writable, write_text_atomic
 
