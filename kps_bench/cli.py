@@ -177,9 +177,9 @@ def protocols():
 @protocols.command("list")
 def protocols_list():
     """Protocols found in $KPS_BENCH_PROTOCOLS, ./protocols and the package's protocols/."""
-    from .protocol import list_protocols
+    from .config import PROTOCOLS, list_files
 
-    for name, path in sorted(list_protocols().items()):
+    for name, path in sorted(list_files(PROTOCOLS).items()):
         click.echo(f"{name}\t{path}")
 
 

@@ -57,13 +57,14 @@ def _batch(seed=0, n=2):
 
 def test_recipe_merge_order_and_hash(tmp_path, tiny_protocol):
     raw = yaml.safe_load(tiny_protocol.read_text())
-    raw["training"] = {"defaults": {"steps": 7, "resolution": 32}, "cat": {"learning_rate": 3e-3, "cat_weight": 0.5}}
+    raw["training"] = {"defaults": {"steps": 7, "resolution": 32, "captions": ["a {subject}"]},
+                       "cat": {"learning_rate": 3e-3, "cat_weight": 0.5}}
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(raw))
     prot = load_protocol(str(path))
     r, sources = load_recipe("cat", prot, ["cat_weight=0.25"])
     assert (r.rank, r.steps, r.resolution, r.learning_rate, r.cat_weight) == (1, 7, 32, 3e-3, 0.25)
-    assert sources[0].endswith("cat.yaml") and sources[-1] == "--set"
+    assert [Path(s).name for s in sources[:2]] == ["lora.yaml", "cat.yaml"] and sources[-1] == "--set"
     lora, _ = load_recipe("lora", prot)
     assert (lora.steps, lora.learning_rate) == (7, 1e-4) and "cat_weight" not in lora.to_dict()
     assert load_recipe("cat", prot, ["cat_weight=0.25"])[0].sha256 == r.sha256 != load_recipe("cat", prot)[0].sha256
@@ -83,11 +84,11 @@ def test_recipe_errors_name_the_field(sets, message):
 
 
 def test_baselines_cover_every_field():
-    from kps_bench.train.core import METHODS, allowed_fields, find_baseline
+    from kps_bench.train.core import METHODS, allowed_fields, recipe_file_layers
 
     for m in METHODS:
-        raw = yaml.safe_load(find_baseline(m).read_text())
-        assert set(allowed_fields(m)) - {"method"} <= set(raw), m
+        merged = {k: v for _, layer in recipe_file_layers(m) for k, v in layer.items()}
+        assert set(allowed_fields(m)) - {"method"} <= set(merged), m
 
 
 # ----------------------------------------------------------------------------- the CAT loss

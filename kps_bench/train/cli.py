@@ -23,8 +23,9 @@ from .core import METHODS
 def train_baseline(method, protocol_name, subject, out, resume, device, sets):
     """Train a CAT, LoRA, DreamBooth or textual-inversion adapter with its fixed recipe (baselines/METHOD.yaml).
 
-    The effective recipe is baselines/METHOD.yaml, then the protocol's `training.defaults` and
-    `training.METHOD` sections, then --set. Evaluate the result with `kps-bench run --adapter OUT`.
+    The effective recipe is baselines/METHOD.yaml after the recipes it inherits (`inherit:`), then the protocol's
+    `training.defaults` and `training.METHOD` sections, then --set. Evaluate the result with
+    `kps-bench run --adapter OUT`.
     """
     from ..protocol import load_protocol
     from . import train

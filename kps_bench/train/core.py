@@ -1,9 +1,10 @@
 """The training core shared by the four baseline trainers.
 
-Every trainer runs the same way: a *recipe* (``baselines/<method>.yaml``, then the protocol's
-``training:`` section, then ``--set`` overrides) fixes every hyperparameter; the subject's reference
-images are encoded by the frozen VAE once and cached; captions come from the protocol's prompt
-templates; every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
+Every trainer runs the same way: a *recipe* (``baselines/<method>.yaml`` after the recipes it
+inherits, then the protocol's ``training:`` sections, then ``--set``; see
+:func:`load_recipe`) fixes every hyperparameter; the subject's reference images are encoded by the
+frozen VAE once and cached; captions come from the recipe's templates or the protocol's prompts;
+every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
 comes from one seeded CPU ``torch.Generator`` whose state is checkpointed, so ``--resume`` continues
 exactly where an interrupted run stopped. Training writes into ``OUT.partial`` and renames it to
 ``OUT`` only when it finished, so a failed run never leaves a half-written adapter behind.
@@ -23,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from ..config import RECIPES, apply_sets, coerce, list_files, read_mapping, resolve_inherit, search_dirs
 from ..errors import UserError
-from ..protocol import Protocol, Subject, canonical_json, expand_prompt, shipped_dir
+from ..protocol import Protocol, Subject, canonical_json, expand_prompt
 
 METHODS = ("cat", "lora", "dreambooth", "textual-inversion")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -66,7 +66,7 @@ class Recipe:
     resolution: int = 512
     random_flip: bool = True
     crop_margin: float = 0.125  # random crop: the image is encoded at (1 + margin) x resolution and cropped in latent space
-    captions: tuple = ()  # caption templates with {subject}; empty = the protocol's prompts
+    captions: tuple[str, ...] = ()  # caption templates with {subject}; empty = the protocol's prompts
     # probability that a training sample gets the empty prompt (the unconditional branch that
     # classifier-free guidance subtracts), so the adapter moves it consistently with the captioned one
     caption_dropout: float = 0.0
@@ -74,7 +74,7 @@ class Recipe:
     rank: int = 1
     alpha: float = 1.0
     # peft target_modules (module-name suffixes); default: the UNet attention projections, as diffusers' scripts
-    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     cat_weight: float = 1.0
     # dreambooth
     prior_loss_weight: float = 1.0
@@ -102,118 +102,103 @@ _METHOD_ONLY = {
     "class_guidance_scale": ("dreambooth",), "train_text_encoder": ("dreambooth",),
     "num_vectors": ("textual-inversion",),
 }
+_SET_EXAMPLE = "--set steps=200, --set cat_weight=0.5 or --set \"captions.0=a photo of a {subject}\""
 
 
 def allowed_fields(method: str) -> list[str]:
     return [f.name for f in dataclasses.fields(Recipe) if method in _METHOD_ONLY.get(f.name, (method,))]
 
 
-def baseline_dirs() -> list[Path]:
-    """Where recipes are looked up: $KPS_BENCH_BASELINES, ./baselines, the recipes shipped with kps-bench."""
-    dirs = []
-    if os.environ.get("KPS_BENCH_BASELINES"):
-        dirs += [Path(p) for p in os.environ["KPS_BENCH_BASELINES"].split(os.pathsep) if p]
-    dirs += [Path.cwd() / "baselines", shipped_dir("kps_bench.baselines")]
-    return [d for d in dirs if d.is_dir()]
-
-
-def find_baseline(method: str) -> Path:
+def recipe_file_layers(method: str) -> list[tuple[str, dict]]:
+    """The recipe file of ``method`` (``baselines/METHOD.yaml``, see :data:`kps_bench.config.RECIPES`) and the
+    files it inherits, root first, as (file, mapping)."""
     if method not in METHODS:
         raise UserError(f"Unknown training method '{method}'. Known methods: {', '.join(METHODS)}.")
-    for d in baseline_dirs():
-        if (d / f"{method}.yaml").is_file():
-            return d / f"{method}.yaml"
-    raise UserError(f"No recipe for '{method}': baselines/{method}.yaml was not found in "
-                    f"{', '.join(map(str, baseline_dirs())) or './baselines'} (set $KPS_BENCH_BASELINES).")
+
+    def lookup(name: str) -> tuple[str, dict] | None:
+        known = list_files(RECIPES)
+        return (str(known[name]), read_mapping(known[name], RECIPES)) if name in known else None
+
+    first = lookup(method)
+    if first is None:
+        raise UserError(f"No recipe for '{method}': {method}.yaml is in none of "
+                        f"{', '.join(map(str, search_dirs(RECIPES))) or './baselines'} (add a folder with "
+                        f"${RECIPES.env}).")
+    return _one_method(resolve_inherit(first, lookup, sorted(list_files(RECIPES)), "recipe"), method)
 
 
-def _read_yaml_mapping(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"Cannot read recipe file '{path}': {e.strerror}.") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"Recipe file '{path}' is not valid YAML: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"Recipe file '{path}' must hold a mapping of hyperparameters, got {type(raw).__name__}.")
-    return raw
+def protocol_layers(protocol: Protocol, method: str) -> list[tuple[str, dict]]:
+    """The protocol's ``training.defaults`` and ``training.METHOD`` sections, the latter after the sections it
+    inherits (``inherit: lora``), as (where, mapping)."""
+    where = f"protocol '{protocol.name}' training"
+    training = {k: v or {} for k, v in protocol.training.items()}
+    unknown = sorted(set(training) - {"defaults", *METHODS})
+    if unknown:
+        raise UserError(f"{where}: unknown section '{unknown[0]}'; expected 'defaults' or a method "
+                        f"({', '.join(METHODS)}).")
+    for section, part in training.items():
+        if not isinstance(part, dict):
+            raise UserError(f"{where}.{section}: must be a mapping of recipe fields, got {type(part).__name__}.")
+    if "inherit" in training.get("defaults", {}):
+        raise UserError(f"{where}.defaults: field 'inherit' belongs in a method section (e.g. training.cat: "
+                        f"{{inherit: lora}}); the defaults apply to every method already.")
+    layers = [(f"{where}.defaults", training["defaults"])] if "defaults" in training else []
+    if method in training:
+        def lookup(name: str) -> tuple[str, dict] | None:
+            return (f"{where}.{name}", training[name]) if name in METHODS and name in training else None
+
+        known = [m for m in METHODS if m in training]
+        layers += _one_method(resolve_inherit((f"{where}.{method}", training[method]), lookup, known,
+                                              "method section of 'training'"), method)
+    return layers
 
 
-def parse_overrides(items) -> dict:
-    """``--set key=value`` pairs (value parsed as YAML) as a dict."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set '{item}' must look like key=value, e.g. --set steps=200 or --set cat_weight=0.5.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+def _one_method(chain: list[tuple[str, dict]], method: str) -> list[tuple[str, dict]]:
+    """``chain`` without its ``method`` fields, after checking that the last one given (an inheriting layer's
+    overrides its parent's) is ``method``."""
+    named = [(where, layer["method"]) for where, layer in chain if "method" in layer]
+    if named:
+        _check_field("method", named[-1][1], method, named[-1][0])
+    return [(where, {k: v for k, v in layer.items() if k != "method"}) for where, layer in chain]
 
 
-def _check_value(name: str, value, default, where: str):
-    t = type(default)
-    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise UserError(f"{where}: field '{name}' must be a finite number, got {value!r}.")
-        return float(value)
-    if t is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{where}: field '{name}' must be a list of strings, got {value!r}.")
-        return tuple(value)
-    if isinstance(value, str) and t is float:  # YAML reads 1e-4 (no dot) as a string
-        try:
-            return _check_value(name, float(value), default, where)
-        except ValueError:
-            pass
-    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
-        raise UserError(f"{where}: field '{name}' must be {kind}, got {value!r} ({type(value).__name__}).")
-    return value
-
-
-def load_recipe(method: str, protocol: Protocol | None = None, overrides=(), baseline: Path | None = None) -> tuple[Recipe, list[str]]:
-    """The effective recipe and where its values came from (merge: baseline file, protocol, ``--set``)."""
-    path = baseline or find_baseline(method)
-    layers = [(str(path), _read_yaml_mapping(path))]
-    if protocol is not None and protocol.training:
-        where = f"protocol '{protocol.name}' training"
-        for section in ("defaults", method):
-            part = protocol.training.get(section)
-            if part is None:
-                continue
-            if not isinstance(part, dict):
-                raise UserError(f"{where}.{section}: must be a mapping of recipe fields, got {type(part).__name__}.")
-            layers.append((f"{where}.{section}", part))
-        unknown = sorted(set(protocol.training) - {"defaults", *METHODS})
-        if unknown:
-            raise UserError(f"{where}: unknown section '{unknown[0]}'; expected 'defaults' or a method "
-                            f"({', '.join(METHODS)}).")
-    if isinstance(overrides, dict):
-        layers.append(("--set", overrides))
-    elif overrides:
-        layers.append(("--set", parse_overrides(overrides)))
-    allowed = allowed_fields(method)
-    defaults = Recipe(method=method)
+def load_recipe(method: str, protocol: Protocol | None = None, overrides=()) -> tuple[Recipe, list[str]]:
+    """The effective recipe and where its values came from, in merge order: the recipe file after the files it
+    inherits, the protocol's ``training.defaults``, its ``training.METHOD`` after the sections that inherits, the
+    ``--set`` overrides."""
+    layers = recipe_file_layers(method) + (protocol_layers(protocol, method) if protocol is not None else [])
     values: dict = {}
+    origin: dict[str, str] = {}
     for where, layer in layers:
         for name, value in layer.items():
-            if name == "method":
-                if value != method:
-                    raise UserError(f"{where}: field 'method' is '{value}' but this is the '{method}' recipe.")
-                continue
-            if name not in allowed:
-                hint = (f" ('{name}' is only used by {', '.join(_METHOD_ONLY[name])})" if name in _METHOD_ONLY else "")
-                raise UserError(f"{where}: unknown field '{name}' for method '{method}'{hint}. Allowed fields: "
-                                f"{', '.join(a for a in allowed if a != 'method')}.")
-            values[name] = _check_value(name, value, getattr(defaults, name), where)
-    recipe = Recipe(method=method, **values)
-    validate_recipe(recipe, " <- ".join(w for w, _ in reversed(layers)))
-    return recipe, [w for w, _ in layers]
+            _check_field(name, value, method, where)
+            values[name], origin[name] = value, where
+    sources = [w for w, _ in layers]
+    if overrides:
+        merged = apply_sets(values, overrides, "the recipe", _SET_EXAMPLE)
+        for name, value in merged.items():
+            if name not in values or value != values[name]:
+                _check_field(name, value, method, "--set")
+                values[name], origin[name] = value, "--set"
+        sources.append("--set")
+    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(method=method, **{name: coerce(v, types[name], name, origin[name]) for name, v in values.items()
+                                      if name != "method"})
+    validate_recipe(recipe, " <- ".join(reversed(sources)))
+    return recipe, sources
+
+
+def _check_field(name: str, value, method: str, where: str) -> None:
+    """A field a layer gives must be one of ``method``'s (``method`` itself only with this method's name)."""
+    if name == "method":
+        if value != method:
+            raise UserError(f"{where}: field 'method' is '{value}' but this is the '{method}' recipe.")
+        return
+    if name not in allowed_fields(method):
+        hint = f" ('{name}' is only used by {', '.join(_METHOD_ONLY[name])})" if name in _METHOD_ONLY else ""
+        note = " ('inherit' is read in recipe files and method sections only)" if name == "inherit" else ""
+        raise UserError(f"{where}: unknown field '{name}' for method '{method}'{hint}{note}. Allowed fields: "
+                        f"{', '.join(a for a in allowed_fields(method) if a != 'method')}.")
 
 
 def validate_recipe(r: Recipe, where: str) -> None:
