@@ -108,15 +108,20 @@ class Protocol:
     #: Per-method recipe sections read by the trainers (``defaults``, ``lora``, ...); validated by
     #: :func:`kps_bench.train.core.load_recipe`.
     training: dict = field(default_factory=dict)
+    #: Let training captions equal evaluation prompts (refused otherwise: it leaks the evaluation into training).
+    allow_prompt_overlap: bool = False
     #: Folder of the protocol file, against which relative paths in it are resolved.
     source: str = field(default="", compare=False)
+    #: The protocol file, for messages ("" when built from a dict).
+    file: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
-        """The effective protocol as plain data (what is recorded). Prompt sets and the references root are left
-        out when unused, so protocols without them keep their hash."""
+        """The effective protocol as plain data (what is recorded). Prompt sets, the references root and
+        ``allow_prompt_overlap`` are left out when unused (false), so protocols without them keep their hash."""
         d = dataclasses.asdict(self)
         d.pop("source")
-        for key in ("prompt_sets", "references_root"):
+        d.pop("file")
+        for key in ("prompt_sets", "references_root", "allow_prompt_overlap"):
             if not d[key]:
                 d.pop(key)
         for s in d["subjects"]:
@@ -209,9 +214,19 @@ def expand_prompt(template: str, subject: Subject, with_trigger: bool) -> str:
 
 
 def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """Seed of image ``image_index`` of prompt ``prompt_index``: a 63-bit hash of the three integers."""
-    digest = hashlib.sha256(f"kps-bench/{seed}/{prompt_index}/{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """Seed of image ``image_index`` of prompt ``prompt_index``: a 63-bit hash of the three integers, so < 2**63."""
+    return _hash63(f"kps-bench/{seed}/{prompt_index}/{image_index}")
+
+
+def class_image_seed(seed: int, index: int) -> int:
+    """Seed of DreamBooth class image ``index`` for recipe seed ``seed``: a 63-bit hash of both with bit 63 set, so
+    in [2**63, 2**64), disjoint from every evaluation seed (:func:`derive_seed` < 2**63) whatever the seeds."""
+    return (1 << 63) | _hash63(f"kps-bench/class-images/{seed}/{index}")
+
+
+def _hash63(text: str) -> int:
+    """The first 8 bytes of the SHA-256 of ``text``, little-endian, top bit cleared: an integer in [0, 2**63)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def canonical_json(obj: Any) -> str:
@@ -345,8 +360,9 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
         name=top.name, version=top.version, base_model=top.base_model, subjects=subjects,
         prompts=prompts, prompt_sets=prompt_sets, references_root=top.references_root, generation=g,
         encoders=top.encoders, metrics=tuple(metrics_raw), bootstrap=b, description=top.description,
-        training=training_raw,
+        training=training_raw, allow_prompt_overlap=top.allow_prompt_overlap,
         source=str(Path(where).resolve().parent) if os.path.exists(where) else "",
+        file=where if os.path.exists(where) else "",
     )
 
 
@@ -377,11 +393,12 @@ class _Top:
     encoders: Encoders = field(default_factory=Encoders)
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     description: str = ""
+    allow_prompt_overlap: bool = False
 
 
 #: Every top-level field: the dataclass ones and those validated by hand in protocol_from_dict.
 _TOP_FIELDS = ["name", "version", "description", "base_model", "generation", "encoders", "subjects", "prompts",
-               "prompt_sets", "references_root", "metrics", "bootstrap", "training"]
+               "prompt_sets", "references_root", "metrics", "bootstrap", "training", "allow_prompt_overlap"]
 
 _NESTED = {
     (_Top, "generation"): Generation,

@@ -230,3 +230,5 @@ def test_bad_protocol_sections_name_the_section_and_field(protocol_copy, trainin
     with pytest.raises(UserError) as e:
         load_recipe("cat", p)
     assert message in str(e.value)
+    r = CliRunner().invoke(main, ["protocols", "validate", p.file])
+    assert r.exit_code == 2 and message in r.output

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from kps_bench.errors import UserError
+from kps_bench.generate import Plan
 from kps_bench.models import LORA_FILE, TI_FILE
-from kps_bench.protocol import load_protocol
+from kps_bench.protocol import class_image_seed, load_protocol
 from kps_bench.train import TrainingInterrupted, load_recipe, train
 from kps_bench.train.core import CHECKPOINT_FILE, LOG_FILE, TRAINING_JSON, logged_rows, partial_dir
 
@@ -147,6 +148,7 @@ def test_cat_with_zero_weight_trains_exactly_lora(tmp_path, protocol):
     t = json.loads((c / TRAINING_JSON).read_text())
     assert t["method"] == "cat" and t["subject"] == "red-block" and t["recipe"]["cat_weight"] == 1.0
     assert t["protocol_sha256"] == protocol.sha256 and len(t["recipe_sha256"]) == 64
+    assert t["allow_prompt_overlap"] is False and t["captions"] == ["a sks block"]
     assert t["seed"] == t["recipe"]["seed"] and "loss_preserve" in t["final_loss"]["last_step"]
     assert isinstance(t["duration_s"], float) and 0 <= t["duration_s"] < 600 and t["start_time"] <= t["end_time"]
     assert not partial_dir(c).exists()
@@ -239,6 +241,11 @@ def test_dreambooth_writes_a_pipeline_and_reuses_class_images(tmp_path, protocol
     a = train("dreambooth", protocol, "red-block", tmp_path / "db1", "cpu", sets)
     b = train("dreambooth", protocol, "red-block", tmp_path / "db2", "cpu", sets)
     assert a.training["class_images"]["generated_now"] == 3 and b.training["class_images"]["generated_now"] == 0
+    # the class prompt alone, never an evaluation prompt, with seeds that no evaluation image has
+    assert a.training["class_images"]["prompt"] == "a block" and a.training["recipe"]["class_prompt"] == "a {class_noun}"
+    assert a.training["class_images"]["seeds"] == [class_image_seed(a.training["seed"], k) for k in range(3)]
+    evaluation = {j.seed for j in Plan(protocol, list(protocol.subjects), {"spec": "x"}, None, "cpu").jobs()}
+    assert len(evaluation) == 4 and not evaluation & set(a.training["class_images"]["seeds"])
     assert "loss_prior" in a.training["final_loss"]["last_step"]
     info = resolve_adapter(str(a.out), "auto", False)
     assert info.kind == "pipeline" and info.training["method"] == "dreambooth"

@@ -3,8 +3,8 @@
 Every trainer runs the same way: a *recipe* (``baselines/<method>.yaml`` after the recipes it
 inherits, then the protocol's ``training:`` sections, then ``--set``; see
 :func:`load_recipe`) fixes every hyperparameter; the subject's reference images are encoded by the
-frozen VAE once and cached; captions come from the recipe's templates or the protocol's prompts;
-every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
+frozen VAE once and cached; captions come from the recipe's templates, which must not be evaluation
+prompts; every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
 comes from one seeded CPU ``torch.Generator`` whose state is checkpointed, so ``--resume`` continues
 exactly where an interrupted run stopped. Training writes into ``OUT.partial`` and renames it to
 ``OUT`` only when it finished, so a failed run never leaves a half-written adapter behind.
@@ -79,6 +79,7 @@ class Recipe:
     # dreambooth
     prior_loss_weight: float = 1.0
     num_class_images: int = 200
+    class_prompt: str = "a {class_noun}"  # the prompt of the class images and their prior-preservation caption
     class_sample_steps: int = 50
     class_guidance_scale: float = 7.5
     train_text_encoder: bool = False
@@ -98,9 +99,9 @@ class Recipe:
 
 _METHOD_ONLY = {
     "rank": ("lora", "cat"), "alpha": ("lora", "cat"), "target_modules": ("lora", "cat"), "cat_weight": ("cat",),
-    "prior_loss_weight": ("dreambooth",), "num_class_images": ("dreambooth",), "class_sample_steps": ("dreambooth",),
-    "class_guidance_scale": ("dreambooth",), "train_text_encoder": ("dreambooth",),
-    "num_vectors": ("textual-inversion",),
+    "prior_loss_weight": ("dreambooth",), "num_class_images": ("dreambooth",), "class_prompt": ("dreambooth",),
+    "class_sample_steps": ("dreambooth",), "class_guidance_scale": ("dreambooth",),
+    "train_text_encoder": ("dreambooth",), "num_vectors": ("textual-inversion",),
 }
 _SET_EXAMPLE = "--set steps=200, --set cat_weight=0.5 or --set \"captions.0=a photo of a {subject}\""
 
@@ -165,7 +166,8 @@ def _one_method(chain: list[tuple[str, dict]], method: str) -> list[tuple[str, d
 def load_recipe(method: str, protocol: Protocol | None = None, overrides=()) -> tuple[Recipe, list[str]]:
     """The effective recipe and where its values came from, in merge order: the recipe file after the files it
     inherits, the protocol's ``training.defaults``, its ``training.METHOD`` after the sections that inherits, the
-    ``--set`` overrides."""
+    ``--set`` overrides. With a protocol, its training captions must not be
+    evaluation prompts (:func:`check_prompt_overlap`)."""
     layers = recipe_file_layers(method) + (protocol_layers(protocol, method) if protocol is not None else [])
     values: dict = {}
     origin: dict[str, str] = {}
@@ -185,6 +187,8 @@ def load_recipe(method: str, protocol: Protocol | None = None, overrides=()) -> 
     recipe = Recipe(method=method, **{name: coerce(v, types[name], name, origin[name]) for name, v in values.items()
                                       if name != "method"})
     validate_recipe(recipe, " <- ".join(reversed(sources)))
+    if protocol is not None:
+        check_prompt_overlap(protocol, recipe, origin.get("captions", "the recipe's default"))
     return recipe, sources
 
 
@@ -220,9 +224,52 @@ def validate_recipe(r: Recipe, where: str) -> None:
     req(r.cat_weight >= 0, "cat_weight", "a number >= 0")
     req(r.prior_loss_weight >= 0, "prior_loss_weight", "a number >= 0")
     req(r.alpha > 0, "alpha", "a number > 0")
+    req("{class_noun}" in r.class_prompt, "class_prompt", "a template containing '{class_noun}', e.g. \"a {class_noun}\"")
     for i, c in enumerate(r.captions):
         if "{subject}" not in c:
             raise UserError(f"recipe ({where}): field 'captions' item {i} must contain '{{subject}}', got {c!r}.")
+
+
+def training_prompts(protocol: Protocol, subject: Subject, recipe: Recipe) -> dict[str, tuple[str, str]]:
+    """Every prompt ``recipe`` trains ``subject`` on -> (its template, the recipe field it comes from): the captions
+    with and without the trigger, and DreamBooth's class prompt."""
+    out = {}
+    for t in caption_templates(protocol, subject, recipe):
+        for trigger in (True, False):
+            out.setdefault(expand_prompt(t, subject, trigger), (t, "captions"))
+    if recipe.method == "dreambooth":
+        out.setdefault(expand_prompt(recipe.class_prompt, subject, False), (recipe.class_prompt, "class_prompt"))
+    return out
+
+
+def check_prompt_overlap(protocol: Protocol, recipe: Recipe, captions_from: str) -> None:
+    """Refuse a recipe that trains a subject of ``protocol`` on one of that subject's evaluation prompts (with or
+    without the trigger, each side expanded by :func:`expand_prompt`), unless the protocol says
+    ``allow_prompt_overlap: true``. ``captions_from`` names the layer that set the recipe's captions."""
+    if protocol.allow_prompt_overlap:
+        return
+    found = []
+    for s in protocol.subjects:
+        trained = training_prompts(protocol, s, recipe)
+        field_name = f"prompt_sets.{s.prompt_set}" if s.prompt_set else "prompts"
+        for i, p in enumerate(protocol.prompts_for(s)):
+            for text in dict.fromkeys(expand_prompt(p, s, trigger) for trigger in (True, False)):
+                if text in trained:
+                    found.append((*trained[text], f"{field_name}.{i}", p, s.name, text))
+    if not found:
+        return
+    template, recipe_field, field_name, prompt, subject, text = found[0]
+    source = (f"field 'class_prompt' of the {recipe.method} recipe" if recipe_field == "class_prompt" else
+              f"field 'captions', set by {captions_from}" if recipe.captions else
+              f"the protocol's prompts, which an empty 'captions' ({captions_from}) trains on")
+    more = f" ({len(found) - 1} more overlap{'s' if len(found) > 2 else ''} like it)" if len(found) > 1 else ""
+    raise UserError(f"{protocol.file or 'protocol ' + repr(protocol.name)}: the {recipe.method} training prompt "
+                    f"'{template}' (from {source}) equals the evaluation prompt '{prompt}' (field '{field_name}') for "
+                    f"subject '{subject}': both give '{text}'{more}. Training on evaluation prompts leaks the "
+                    f"evaluation into training. Expected training captions disjoint from the evaluation prompts: set "
+                    f"training.defaults.captions (or --set captions=[...]) to templates that are not evaluation "
+                    f"prompts, such as \"a photo of a {{subject}}\" where that is not one; or set "
+                    f"allow_prompt_overlap: true in the protocol to accept the overlap (recorded in provenance).")
 
 
 # ----------------------------------------------------------------------------- data
@@ -260,8 +307,14 @@ def expand_captions(templates: list[str], subject: Subject, trigger: bool, dropo
     return [expand_prompt(t, subject, trigger) for t in templates] + ([""] if dropout else [])
 
 
+def caption_templates(protocol: Protocol, subject: Subject, recipe: Recipe) -> list[str]:
+    """The recipe's caption templates, or the subject's evaluation prompts when it has none (refused by
+    :func:`check_prompt_overlap` unless the protocol allows the overlap)."""
+    return list(recipe.captions) or list(protocol.prompts_for(subject))
+
+
 def build_captions(protocol: Protocol, subject: Subject, recipe: Recipe) -> Captions:
-    templates, dropout = list(recipe.captions) or list(protocol.prompts_for(subject)), recipe.caption_dropout > 0
+    templates, dropout = caption_templates(protocol, subject, recipe), recipe.caption_dropout > 0
     return Captions(templates, dropout, expand_captions(templates, subject, True, dropout),
                     expand_captions(templates, subject, False, dropout))
 
@@ -701,6 +754,7 @@ class Trainer:
             "base_model": self.base_identity,
             "recipe": self.recipe.to_dict(), "recipe_sha256": self.recipe.sha256, "recipe_sources": self.recipe_sources,
             "seed": self.recipe.seed, "steps": self.recipe.steps,
+            "allow_prompt_overlap": self.protocol.allow_prompt_overlap,
             "captions": self.captions.with_trigger if self.captions else [],
             "final_loss": self.final_losses,
             "duration_s": round(time.perf_counter() - self.t0, 2),
