@@ -90,6 +90,7 @@ def test_set_reaches_into_lists_and_sections_in_both():
     (["rnk=4"], "--set: unknown field 'rnk' for method 'lora'. Allowed fields: steps,"),
     (["cat_weight=0.5"], "--set: unknown field 'cat_weight' for method 'lora' ('cat_weight' is only used by cat)"),
     (["method=cat"], "--set: field 'method' is 'cat' but this is the 'lora' recipe"),
+    (["seed=-1"], "field 'seed' must be an integer >= 0, got -1"),
 ])
 def test_bad_recipe_sets(sets, message):
     with pytest.raises(UserError) as e:

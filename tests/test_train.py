@@ -340,6 +340,8 @@ def _cli():
     (["sculpt", "--subject", "red-block"], "'sculpt' is not one of 'cat', 'lora'"),
     (["lora", "--subject", "green-cone"], "Unknown subject 'green-cone'"),
     (["lora", "--subject", "red-block", "--set", "rank=zero"], "field 'rank' must be an integer"),
+    (["lora", "--subject", "red-block", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+    (["lora", "--subject", "red-block", "--seed", "five"], "Invalid value for '--seed': 'five' is not a valid integer"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_protocol, args, message):
     out = tmp_path / "out"
@@ -360,6 +362,26 @@ def test_cli_trains_and_reports(tmp_path, tiny_protocol):
     again = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject", "blue-ball",
                                         "--out", str(out), "--device", "cpu"])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_seed_overrides_the_recipe_and_names_the_default_folder(tmp_path, tiny_protocol, monkeypatch):
+    """--seed N beats the recipe and --set, is recorded, and the default --out of each seed differs."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject", "red-block", "--device", "cpu",
+            *[a for s in FAST for a in ("--set", s)]]
+    r = CliRunner().invoke(_cli(), args + ["--seed", "5", "--set", "seed=3"])
+    assert r.exit_code == 0, r.output
+    seeded = tmp_path / "adapters" / "tiny" / "lora" / "red-block-seed5"
+    t = json.loads((seeded / TRAINING_JSON).read_text())
+    assert t["seed"] == t["recipe"]["seed"] == 5 and t["recipe_sources"][-2:] == ["--set", "--seed"]
+    assert "seed 5;" in r.output and f"--adapter {Path('adapters/tiny/lora/red-block-seed5')} --out runs/lora-red-block-seed5" in r.output
+    r = CliRunner().invoke(_cli(), args)
+    assert r.exit_code == 0, r.output
+    default = tmp_path / "adapters" / "tiny" / "lora" / "red-block"
+    t = json.loads((default / TRAINING_JSON).read_text())
+    assert t["seed"] == t["recipe"]["seed"] == 42 and t["recipe_sources"][-1] == "--set"  # baselines/lora.yaml's seed
+    ws, wd = _weights(seeded), _weights(default)
+    assert any(not torch.equal(ws[k], wd[k]) for k in ws)
 
 
 def test_missing_references(tmp_path, tiny_protocol):

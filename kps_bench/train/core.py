@@ -1,7 +1,7 @@
 """The training core shared by the four baseline trainers.
 
 Every trainer runs the same way: a *recipe* (``baselines/<method>.yaml`` after the recipes it
-inherits, then the protocol's ``training:`` sections, then ``--set``; see
+inherits, then the protocol's ``training:`` sections, then ``--set`` and ``--seed``; see
 :func:`load_recipe`) fixes every hyperparameter; the subject's reference images are encoded by the
 frozen VAE once and cached; captions come from the recipe's templates, which must not be evaluation
 prompts; every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
@@ -163,10 +163,11 @@ def _one_method(chain: list[tuple[str, dict]], method: str) -> list[tuple[str, d
     return [(where, {k: v for k, v in layer.items() if k != "method"}) for where, layer in chain]
 
 
-def load_recipe(method: str, protocol: Protocol | None = None, overrides=()) -> tuple[Recipe, list[str]]:
+def load_recipe(method: str, protocol: Protocol | None = None, overrides=(),
+                seed: int | None = None) -> tuple[Recipe, list[str]]:
     """The effective recipe and where its values came from, in merge order: the recipe file after the files it
     inherits, the protocol's ``training.defaults``, its ``training.METHOD`` after the sections that inherits, the
-    ``--set`` overrides. With a protocol, its training captions must not be
+    ``--set`` overrides, then ``seed`` (``train-baseline --seed``). With a protocol, its training captions must not be
     evaluation prompts (:func:`check_prompt_overlap`)."""
     layers = recipe_file_layers(method) + (protocol_layers(protocol, method) if protocol is not None else [])
     values: dict = {}
@@ -183,6 +184,9 @@ def load_recipe(method: str, protocol: Protocol | None = None, overrides=()) -> 
                 _check_field(name, value, method, "--set")
                 values[name], origin[name] = value, "--set"
         sources.append("--set")
+    if seed is not None:
+        values["seed"], origin["seed"] = seed, "--seed"
+        sources.append("--seed")
     types = {f.name: f.type for f in dataclasses.fields(Recipe)}
     recipe = Recipe(method=method, **{name: coerce(v, types[name], name, origin[name]) for name, v in values.items()
                                       if name != "method"})
@@ -213,6 +217,7 @@ def validate_recipe(r: Recipe, where: str) -> None:
     for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "rank",
                  "num_class_images", "class_sample_steps", "num_vectors"):
         req(getattr(r, name) >= 1, name, "an integer >= 1")
+    req(r.seed >= 0, "seed", "an integer >= 0")
     req(r.learning_rate > 0, "learning_rate", "a number > 0")
     req(r.lr_scheduler in LR_SCHEDULES, "lr_scheduler", f"one of {', '.join(LR_SCHEDULES)}")
     req(r.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
@@ -814,16 +819,16 @@ def partial_dir(out: Path) -> Path:
 
 
 def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device: str = "auto", overrides=(),
-                 resume: bool = False, stop_after: int | None = None) -> Trainer:
+                 resume: bool = False, stop_after: int | None = None, seed: int | None = None) -> Trainer:
     """Validate every input (method, subject, references, recipe, output folder) before anything is written; the
-    caller has checked that ``out`` can be written and holds its lock."""
+    caller has checked that ``out`` can be written and holds its lock. ``seed`` overrides the recipe's."""
     from ..run import reference_images
 
     if method not in METHODS:
         raise UserError(f"Unknown training method '{method}'. Known methods: {', '.join(METHODS)}.")
     subject = protocol.subject(subject_name)
     reference_images(protocol, subject)
-    recipe, sources = load_recipe(method, protocol, overrides)
+    recipe, sources = load_recipe(method, protocol, overrides, seed)
     out = Path(out).expanduser()
     work = partial_dir(out)
     if out.exists():
