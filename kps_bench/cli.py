@@ -176,9 +176,9 @@ def protocols():
 @protocols.command("list")
 def protocols_list():
     """Protocols found in $KPS_BENCH_PROTOCOLS, ./protocols and the package's protocols/."""
-    from .protocol import list_protocols
+    from .config import PROTOCOLS, list_files
 
-    for name, path in sorted(list_protocols().items()):
+    for name, path in sorted(list_files(PROTOCOLS).items()):
         click.echo(f"{name}\t{path}")
 
 
@@ -197,18 +197,24 @@ def protocols_show(name, sets):
 @protocols.command("validate")
 @click.argument("path")
 def protocols_validate(path):
-    """Check a protocol file, every local path it names, and that every subject's references folder holds images."""
+    """Check a protocol file, every local path it names, that every subject's references folder holds images, and
+    every method's effective recipe, whose training captions must not be evaluation prompts (unless the protocol
+    says allow_prompt_overlap: true)."""
     from .protocol import check_local_paths
     from .run import check_reference_folders, reference_images
+    from .train.core import METHODS, load_recipe
 
     p = _protocol(path, ())
     check_local_paths(p)
+    for method in METHODS:
+        load_recipe(method, p)
     check_reference_folders(p, p.subjects)
     for s in p.subjects:
         reference_images(p, s)
     n_prompts = "/".join(str(n) for n in sorted({len(p.prompts_for(s)) for s in p.subjects}))
+    overlap = "; training captions may equal evaluation prompts (allow_prompt_overlap)" if p.allow_prompt_overlap else ""
     click.echo(f"OK: {path} (protocol {p.name} v{p.version}, {len(p.subjects)} subjects, {n_prompts} prompts per "
-               f"subject, sha256 {p.sha256[:16]})")
+               f"subject, recipes of {', '.join(METHODS)}, sha256 {p.sha256[:16]}{overlap})")
 
 
 @main.command()
