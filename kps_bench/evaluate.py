@@ -7,9 +7,9 @@ Nothing here loads a model or reads an image: results are a function of ``images
 The bootstrap unit is the trigger-free prompt of a subject: each resample draws prompts with replacement and
 recomputes every metric from the drawn prompts' pooled sums (derived metrics such as KPS from the resampled
 inputs). The references are fixed, not resampled, so ``identity_ceiling`` has a point interval. ``overall`` is the
-mean over subjects of their values; its interval is the two-level bootstrap of :func:`mean_over_subjects`
-(subjects with replacement, then each drawn subject's prompts), the one leaderboards use, so a leaderboard row of
-one run agrees with its ``overall``.
+mean over subjects of their values; its interval is a two-level bootstrap (:func:`kps_bench.metrics.resampled_mean`
+of the subjects' prompt resamples: subjects with replacement, then each drawn subject's prompts), the one leaderboards
+use (with training seeds between the two levels), so a leaderboard row of one run agrees with its ``overall``.
 
 Base and adapter images of one (prompt, trigger or not, seed) are seed partners: a flagged (NaN or black) image is
 left out together with its partner, and each metric counts the images it left out (``flagged``).
@@ -185,14 +185,11 @@ def prompt_resamples(stats: list[SubjectStats], resamples: int, seed: int) -> li
             for i, st in enumerate(stats)]
 
 
-def mean_over_subjects(per_subject: torch.Tensor, seed: int) -> torch.Tensor:
-    """Two-level bootstrap of the mean over subjects, ``[subjects, resamples] -> [resamples]``: replicate ``b``
-    draws the subjects with replacement (generator seeded with ``seed``) and averages the drawn subjects' prompt
-    resample ``b``."""
-    n, resamples = per_subject.shape
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randint(0, n, (resamples, n), generator=g)
-    return per_subject.T.gather(1, pick).mean(1)
+def mean_over_seeds(per_subject: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """Each subject's mean over its training seeds under the bootstrap, ``[[seeds_i, resamples]] -> [subjects,
+    resamples]``: :func:`kps_bench.metrics.resampled_mean` of subject ``i``'s rows (each seed's prompt resamples)
+    with seed ``seed * 7919 + 104729 + i``. With one seed a subject's row is its prompt resamples unchanged."""
+    return torch.stack([M.resampled_mean(t, seed * 7919 + 104729 + i) for i, t in enumerate(per_subject)])
 
 
 def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], metric_names, resamples: int = 1000,
@@ -212,7 +209,7 @@ def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], me
     overall = {}
     for m in wanted:
         overall[m] = _entry(torch.stack([p[m] for p in point]).mean(),
-                            mean_over_subjects(torch.stack([b[m] for b in boot]), seed),
+                            M.resampled_mean(torch.stack([b[m] for b in boot]), seed),
                             sum(st.n(m) for st in stats), sum(st.flagged(m) for st in stats), confidence)
     overall["n_subjects"] = len(subjects)
     return {"metrics": per_subject, "overall": overall, "counts": image_counts(records),
