@@ -69,8 +69,7 @@ def _protocol(name, sets):
 
 
 SET_HELP = "Override a protocol field, e.g. --set generation.steps=25 or --set subjects.0.trigger=zwx (repeatable)."
-PARTIAL_HELP = ("List rows that average over fewer subjects (methods, with --group-by subject) than the others, marked "
-                "'(partial)', instead of refusing.")
+PARTIAL_HELP = "List methods run on fewer subjects than the others, marked '(partial)', instead of refusing."
 CACHE_HELP = ("Image cache shared by runs, so base images are made once for every method (default: $KPS_BENCH_CACHE, "
               "else ~/.cache/kps-bench). Run folders get hard links (or copies) of its images.")
 
@@ -119,9 +118,13 @@ def run(protocol_name, base, adapter, adapter_kind, subjects, out, device, dtype
     if dry_run:
         from .plan import plan_run
 
-        click.echo(plan_run(protocol, opts).text())
+        plan = plan_run(protocol, opts)
+        if plan is not None:  # None on the ranks other than 0 under a launcher
+            click.echo(plan.text())
         return
-    _print_summary(run_benchmark(protocol, opts), out)
+    results = run_benchmark(protocol, opts)
+    if results is not None:  # None on the ranks other than 0 under a launcher
+        _print_summary(results, out)
 
 
 @main.command()
@@ -145,7 +148,8 @@ def score(manifest, protocol_name, out, device, label, allow_outside_paths, allo
     protocol = _protocol(protocol_name, sets)
     results = score_manifest(protocol, Path(manifest), Path(out), device, label, allow_unsafe_pickle,
                              allow_outside_paths)
-    _print_summary(results, out)
+    if results is not None:  # None on the ranks other than 0 under a launcher
+        _print_summary(results, out)
 
 
 def _print_summary(results: dict, out) -> None:
@@ -177,9 +181,9 @@ def protocols():
 @protocols.command("list")
 def protocols_list():
     """Protocols found in $KPS_BENCH_PROTOCOLS, ./protocols and the package's protocols/."""
-    from .protocol import list_protocols
+    from .config import PROTOCOLS, list_files
 
-    for name, path in sorted(list_protocols().items()):
+    for name, path in sorted(list_files(PROTOCOLS).items()):
         click.echo(f"{name}\t{path}")
 
 
@@ -198,35 +202,46 @@ def protocols_show(name, sets):
 @protocols.command("validate")
 @click.argument("path")
 def protocols_validate(path):
-    """Check a protocol file, every local path it names, and that every subject's references folder holds images."""
+    """Check a protocol file, every local path it names, that every subject's references folder holds images, and
+    every method's effective recipe, whose training captions must not be evaluation prompts (unless the protocol
+    says allow_prompt_overlap: true)."""
     from .protocol import check_local_paths
     from .run import check_reference_folders, reference_images
+    from .train.core import METHODS, load_recipe
 
     p = _protocol(path, ())
     check_local_paths(p)
+    for method in METHODS:
+        load_recipe(method, p)
     check_reference_folders(p, p.subjects)
     for s in p.subjects:
         reference_images(p, s)
     n_prompts = "/".join(str(n) for n in sorted({len(p.prompts_for(s)) for s in p.subjects}))
+    overlap = "; training captions may equal evaluation prompts (allow_prompt_overlap)" if p.allow_prompt_overlap else ""
     click.echo(f"OK: {path} (protocol {p.name} v{p.version}, {len(p.subjects)} subjects, {n_prompts} prompts per "
-               f"subject, sha256 {p.sha256[:16]})")
+               f"subject, recipes of {', '.join(METHODS)}, sha256 {p.sha256[:16]}{overlap})")
 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--group-by", type=click.Choice(["method", "subject"]), default="method", show_default=True,
-              help="One row per method (mean over its subjects) or per subject.")
-@click.option("--reference", help="Method to test every other method against (Wilcoxon signed-rank on kps and "
-              "preservation over (subject, prompt) pairs).")
+              help="One row per method (mean over its subjects and training seeds), or a subject x method table of "
+                   "kps.")
+@click.option("--reference", help="Method to compare every other method with on kps and preservation: median paired "
+              "difference over (subject, prompt) pairs with its CI, and Wilcoxon signed-rank p-values, Holm-corrected.")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "tex", "json"]), default="md", show_default=True,
-              help="Markdown, CSV, LaTeX tabular, or JSON (one row per method and metric).")
+              help="Markdown, CSV, LaTeX (booktabs table with caption and label), or JSON (one row per method and "
+                   "metric, or per subject and method).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
 @click.option("--allow-mixed", is_flag=True, help="Put runs of different protocols in separate tables instead of refusing.")
 @click.option("--allow-partial", is_flag=True, help=PARTIAL_HELP)
 @click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, allow_partial, resamples, seed):
-    """Turn run directories into a leaderboard with 95% CIs, ranks and significance."""
+    """Turn run directories into a leaderboard with 95% CIs, training-seed spread, ranks and significance.
+
+    Runs of one method and subject are training-seed replicates; their seeds (from the adapters' training.json)
+    must differ."""
     from .leaderboard import build_tables, load_run, render
     from .rundir import check_writable, write_text_atomic
 
@@ -299,13 +314,16 @@ def tiny_models(out, force, sdxl):
               help="Recipe override applied to every method, e.g. --train-set steps=20 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
-def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir):
+@click.option("--jobs", type=int, help="Trainings and evaluations at once, each in a process pinned to one GPU "
+              "(CUDA_VISIBLE_DEVICES) or on the CPU. Default: one per visible GPU with CUDA, else 1. Their logs go "
+              "to OUT/logs/.")
+def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir, jobs):
     """Train CAT, LoRA, DreamBooth and textual inversion on the shapes world, evaluate, and write the leaderboard."""
     from .demo import DemoOptions, run_demo
 
     opts = DemoOptions(out=Path(out), protocol=protocol_name, subjects=tuple(subjects), protocol_overrides=tuple(sets),
                        train_overrides=tuple(train_sets), device=device,
-                       cache_dir=Path(cache_dir) if cache_dir else None)
+                       cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs)
     if methods:
         opts.methods = tuple(methods)
     result = run_demo(opts)

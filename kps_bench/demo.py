@@ -3,7 +3,10 @@
 Trains every method for every subject with the protocol's recipes, runs the protocol on each
 adapter (and once without adapter, as the base row), adds the shapes world's ground truth, and
 writes the leaderboard (Markdown, CSV), the grid and the plot. Every step is cached in ``--out``:
-a finished adapter or run is reused, an interrupted training resumes.
+a finished adapter or run is reused, an interrupted training resumes. With several jobs (``--jobs``; on GPUs one per
+visible GPU by default), the trainings and evaluations run at once in worker processes
+(:mod:`kps_bench.pool`), each (method, subject) evaluated once its adapter and the base run are done, as in a
+sequential demo, whose files they make.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class DemoOptions:
     device: str = "auto"
     #: The shared image cache (None: the default, see :func:`kps_bench.cache.default_cache_dir`).
     cache_dir: Path | None = None
+    #: Jobs at once, each in a worker pinned to a device (None: one per visible GPU on CUDA, else 1).
+    jobs: int | None = None
     reference: str = "lora"
     resamples: int = 1000
 
@@ -51,42 +56,90 @@ def _finished_run(run_dir: Path, protocol: Protocol, adapter_files: dict | None)
     return prov.get("protocol_sha256") == protocol.sha256 and same_adapter
 
 
+def evaluate_base(opts: DemoOptions, subjects: list[str]) -> Path:
+    """The base row: every subject's images without an adapter (reused when done)."""
+    from .run import RunOptions, run_benchmark
+
+    protocol = load_protocol(opts.protocol, opts.protocol_overrides)
+    run_dir = Path(opts.out) / "runs" / "base"
+    if not _finished_run(run_dir, protocol, None):
+        console.rule("base model (no adapter)")
+        run_benchmark(protocol, RunOptions(out=run_dir, adapter_kind="none", subjects=tuple(subjects),
+                                           device=opts.device, label="base", cache_dir=opts.cache_dir))
+    return run_dir
+
+
+def train_adapter(opts: DemoOptions, method: str, subject: str) -> Path:
+    """``method``'s adapter for ``subject`` (reused when trained; resumed when interrupted)."""
+    from .train import train
+    from .train.core import partial_dir
+
+    adapter_dir = Path(opts.out) / "adapters" / method / subject
+    if not (adapter_dir / "training.json").is_file():
+        console.rule(f"train {method} for {subject}")
+        train(method, load_protocol(opts.protocol, opts.protocol_overrides), subject, adapter_dir, device=opts.device,
+              overrides=opts.train_overrides, resume=partial_dir(adapter_dir).exists())
+    return adapter_dir
+
+
+def evaluate_adapter(opts: DemoOptions, method: str, subject: str) -> Path:
+    """The run of ``method``'s adapter for ``subject`` (reused when done for these adapter files)."""
+    from .models import resolve_adapter
+    from .run import RunOptions, run_benchmark
+
+    protocol = load_protocol(opts.protocol, opts.protocol_overrides)
+    adapter_dir = Path(opts.out) / "adapters" / method / subject
+    run_dir = Path(opts.out) / "runs" / method / subject
+    if not _finished_run(run_dir, protocol, resolve_adapter(str(adapter_dir), "auto", False).files):
+        console.rule(f"evaluate {method} for {subject}")
+        run_benchmark(protocol, RunOptions(out=run_dir, adapter=str(adapter_dir), subjects=(subject,),
+                                           device=opts.device, cache_dir=opts.cache_dir))
+    return run_dir
+
+
+def run_jobs(opts: DemoOptions, subjects: list[str], gpus: list[str | None]) -> None:
+    """The base run and every (method, subject) training at once on the workers of ``gpus``; each evaluation once
+    its training and the base run are done (its base images come from the image cache, as in a sequential demo)."""
+    from .pool import Pool, Task
+
+    logs = Path(opts.out) / "logs"
+    pairs = [(m, s) for m in opts.methods for s in subjects]
+    console.print(f"{1 + 2 * len(pairs)} jobs on {len(gpus)} workers "
+                  f"({', '.join('CPU' if g is None else f'GPU {g}' for g in gpus)}); logs in {logs}/")
+    with Pool(gpus) as pool:
+        base = pool.submit(Task("evaluate base", evaluate_base, (opts, subjects), logs / "evaluate-base.log"))
+        trained = [pool.submit(Task(f"train {m} for {s}", train_adapter, (opts, m, s), logs / f"train-{m}-{s}.log"))
+                   for m, s in pairs]
+        base.result()
+        evaluated = []
+        for (m, s), training in zip(pairs, trained):
+            training.result()
+            evaluated.append(pool.submit(Task(f"evaluate {m} for {s}", evaluate_adapter, (opts, m, s),
+                                              logs / f"evaluate-{m}-{s}.log")))
+        for evaluation in evaluated:
+            evaluation.result()
+
+
 def run_demo(opts: DemoOptions) -> DemoResult:
     from .figures import grid, plot
     from .leaderboard import build_tables, load_run, render
-    from .models import resolve_adapter
+    from .pool import worker_gpus
     from .rundir import write_text_atomic
-    from .run import RunOptions, run_benchmark
-    from .train import train
-    from .train.core import partial_dir
 
     t0 = time.perf_counter()
     out = Path(opts.out)
     protocol = load_protocol(opts.protocol, opts.protocol_overrides)
     subjects = [protocol.subject(s).name for s in opts.subjects] or [s.name for s in protocol.evaluation_subjects]
-    run_dirs = []
-
-    base_dir = out / "runs" / "base"
-    if not _finished_run(base_dir, protocol, None):
-        console.rule("base model (no adapter)")
-        run_benchmark(protocol, RunOptions(out=base_dir, adapter_kind="none", subjects=tuple(subjects),
-                                           device=opts.device, label="base", cache_dir=opts.cache_dir))
-    run_dirs.append(base_dir)
-
-    for method in opts.methods:
-        for subject in subjects:
-            adapter_dir = out / "adapters" / method / subject
-            if not (adapter_dir / "training.json").is_file():
-                console.rule(f"train {method} for {subject}")
-                train(method, protocol, subject, adapter_dir, device=opts.device, overrides=opts.train_overrides,
-                      resume=partial_dir(adapter_dir).exists())
-            run_dir = out / "runs" / method / subject
-            files = resolve_adapter(str(adapter_dir), "auto", False).files
-            if not _finished_run(run_dir, protocol, files):
-                console.rule(f"evaluate {method} for {subject}")
-                run_benchmark(protocol, RunOptions(out=run_dir, adapter=str(adapter_dir), subjects=(subject,),
-                                                   device=opts.device, cache_dir=opts.cache_dir))
-            run_dirs.append(run_dir)
+    gpus = worker_gpus(opts.device, opts.jobs)
+    if len(gpus) > 1:
+        run_jobs(opts, subjects, gpus)
+    else:
+        evaluate_base(opts, subjects)
+        for method in opts.methods:
+            for subject in subjects:
+                train_adapter(opts, method, subject)
+                evaluate_adapter(opts, method, subject)
+    run_dirs = [out / "runs" / "base"] + [out / "runs" / m / s for m in opts.methods for s in subjects]
 
     runs = [load_run(d) for d in run_dirs]
     reference = opts.reference if opts.reference in opts.methods else None

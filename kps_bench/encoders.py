@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .models import (PICKLE_SUFFIXES, WEIGHT_SUFFIXES, check_safetensors, combined_hash, file_sha256, folder_weight_hashes,
                      quiet_progress_bars, refuse_pickle)
@@ -176,8 +177,11 @@ class DinoEncoder:
         return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def embed_images(paths: Sequence[Path], encode: Callable, hashes: Sequence[str], progress=None, chunk: int = 256):
-    """Embed images given by path, each distinct content (sha256) once; returns ``{sha256: [d]}``."""
+def embed_images(paths: Sequence[Path], encode: Callable, hashes: Sequence[str], batch_size: int, progress=None,
+                 ranks: Ranks = SINGLE) -> dict:
+    """Embed images given by path, each distinct content (sha256) once, ``batch_size`` images per ``encode`` call;
+    returns ``{sha256: [d]}``. Under a launcher, the batches (the same as in one process) are dealt to the ranks
+    (:meth:`Ranks.mine`), and each returns the embeddings of its own."""
     from PIL import Image
 
     todo, seen = [], set()
@@ -186,8 +190,7 @@ def embed_images(paths: Sequence[Path], encode: Callable, hashes: Sequence[str],
             seen.add(h)
             todo.append((p, h))
     out = {}
-    for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
+    for part in ranks.mine(todo[i : i + batch_size] for i in range(0, len(todo), batch_size)):
         images = []
         for p, _ in part:
             with Image.open(p) as im:

@@ -7,9 +7,9 @@ Nothing here loads a model or reads an image: results are a function of ``images
 The bootstrap unit is the trigger-free prompt of a subject: each resample draws prompts with replacement and
 recomputes every metric from the drawn prompts' pooled sums (derived metrics such as KPS from the resampled
 inputs). The references are fixed, not resampled, so ``identity_ceiling`` has a point interval. ``overall`` is the
-mean over subjects of their values; its interval is the two-level bootstrap of :func:`mean_over_subjects`
-(subjects with replacement, then each drawn subject's prompts), the one leaderboards use, so a leaderboard row of
-one run agrees with its ``overall``.
+mean over subjects of their values; its interval is a two-level bootstrap (:func:`kps_bench.metrics.resampled_mean`
+of the subjects' prompt resamples: subjects with replacement, then each drawn subject's prompts), the one leaderboards
+use (with training seeds between the two levels), so a leaderboard row of one run agrees with its ``overall``.
 
 Base and adapter images of one (prompt, trigger or not, seed) are seed partners: a flagged (NaN or black) image is
 left out together with its partner, and each metric counts the images it left out (``flagged``).
@@ -18,6 +18,7 @@ left out together with its partner, and each metric counts the images it left ou
 from __future__ import annotations
 
 from collections import Counter
+from functools import cache
 from dataclasses import dataclass, field
 
 import torch
@@ -104,9 +105,10 @@ def subject_stats(records: list[ImageRecord], emb: dict[str, torch.Tensor], subj
     all_refs = [r for r in rows if r.role == "reference"]
     refs = [r for r in all_refs if r.valid]
     left_out = Counter({"reference": len(all_refs) - len(refs)})
+    ref = cache(lambda kind: _stack(emb, kind, refs))  # the references' embeddings, stacked once per subject
     fixed = {}
     if "identity_ceiling" in need:
-        r = _stack(emb, "clip", refs) if refs else torch.zeros(0, 1)
+        r = ref("clip") if refs else torch.zeros(0, 1)
         sims = M.off_diagonal(M.similarity01(M.cosine_matrix(r, r)))
         fixed["identity_ceiling"] = (float(sims.sum()), sims.numel())
     prompt_ids = sorted({r.prompt_index for r in rows if r.role != "reference"})
@@ -131,17 +133,18 @@ def subject_stats(records: list[ImageRecord], emb: dict[str, torch.Tensor], subj
             left_out[f"base_{kind}"] += len(base) - len(sets[f"base_{kind}"])
             left_out[f"adapter_{kind}"] += len(adapt) - len(sets[f"adapter_{kind}"])
         trig = sets["adapter_trigger"]
-        if trig and "clip_t" in need:
-            add(j, "clip_t", M.cosine_matrix(_stack(emb, "clip", trig), emb[f"clip_text/{subject}/{p}"][None]).flatten())
-        if refs and trig and need & {"clip_i", "identity"}:
-            cos = M.cosine_matrix(_stack(emb, "clip", trig), _stack(emb, "clip", refs)).flatten()
+        trig_clip = _stack(emb, "clip", trig) if trig and need & {"clip_t", "clip_i", "identity"} else None
+        if trig_clip is not None and "clip_t" in need:
+            add(j, "clip_t", M.cosine_matrix(trig_clip, emb[f"clip_text/{subject}/{p}"][None]).flatten())
+        if refs and trig_clip is not None and need & {"clip_i", "identity"}:
+            cos = M.cosine_matrix(trig_clip, ref("clip")).flatten()
             add(j, "clip_i", cos)
             add(j, "identity", M.similarity01(cos))
         if refs and trig and "dino" in need:
-            add(j, "dino", M.cosine_matrix(_stack(emb, "dino", trig), _stack(emb, "dino", refs)).flatten())
+            add(j, "dino", M.cosine_matrix(_stack(emb, "dino", trig), ref("dino")).flatten())
         if refs and sets["base_trigger"] and "identity_base" in need:
             add(j, "identity_base", M.similarity01(M.cosine_matrix(_stack(emb, "clip", sets["base_trigger"]),
-                                                                   _stack(emb, "clip", refs)).flatten()))
+                                                                   ref("clip")).flatten()))
         base, adapt = sets["base_free"], sets["adapter_free"]
         pairs = _seed_pairs(base, adapt)
         if pairs and "preservation" in need:
@@ -182,14 +185,11 @@ def prompt_resamples(stats: list[SubjectStats], resamples: int, seed: int) -> li
             for i, st in enumerate(stats)]
 
 
-def mean_over_subjects(per_subject: torch.Tensor, seed: int) -> torch.Tensor:
-    """Two-level bootstrap of the mean over subjects, ``[subjects, resamples] -> [resamples]``: replicate ``b``
-    draws the subjects with replacement (generator seeded with ``seed``) and averages the drawn subjects' prompt
-    resample ``b``."""
-    n, resamples = per_subject.shape
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randint(0, n, (resamples, n), generator=g)
-    return per_subject.T.gather(1, pick).mean(1)
+def mean_over_seeds(per_subject: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """Each subject's mean over its training seeds under the bootstrap, ``[[seeds_i, resamples]] -> [subjects,
+    resamples]``: :func:`kps_bench.metrics.resampled_mean` of subject ``i``'s rows (each seed's prompt resamples)
+    with seed ``seed * 7919 + 104729 + i``. With one seed a subject's row is its prompt resamples unchanged."""
+    return torch.stack([M.resampled_mean(t, seed * 7919 + 104729 + i) for i, t in enumerate(per_subject)])
 
 
 def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], metric_names, resamples: int = 1000,
@@ -209,7 +209,7 @@ def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], me
     overall = {}
     for m in wanted:
         overall[m] = _entry(torch.stack([p[m] for p in point]).mean(),
-                            mean_over_subjects(torch.stack([b[m] for b in boot]), seed),
+                            M.resampled_mean(torch.stack([b[m] for b in boot]), seed),
                             sum(st.n(m) for st in stats), sum(st.flagged(m) for st in stats), confidence)
     overall["n_subjects"] = len(subjects)
     return {"metrics": per_subject, "overall": overall, "counts": image_counts(records),
@@ -218,17 +218,18 @@ def compute_results(records: list[ImageRecord], emb: dict[str, torch.Tensor], me
 
 def undefined_gains(point: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """A warning per subject (``point``: subject -> its metric values) whose gain is NaN because its denominator
-    (ceiling - chance level) is at most :data:`kps_bench.metrics.MIN_SPAN`."""
+    (ceiling - chance level) is at most :data:`kps_bench.metrics.MIN_SPAN`. A gain's registry inputs are (value,
+    chance level[, ceiling]); without a ceiling it is 1."""
     out = []
     for s, v in point.items():
-        for name, chance, ceiling in (("identity_gain", "identity_base", "identity_ceiling"),
-                                      ("preservation_gain", "preservation_floor", None)):
-            if name not in v:
+        for m in R.METRICS.values():
+            if m.formula not in ("gain", "preservation_gain") or m.name not in v:
                 continue
+            chance, ceiling = m.inputs[1], (m.inputs[2] if len(m.inputs) > 2 else None)
             span = (float(v[ceiling]) if ceiling else 1.0) - float(v[chance])
             if span <= M.MIN_SPAN:
                 top = ceiling or "1"
-                out.append(f"{name} of subject '{s}' is undefined (NaN): {top} - {chance} = {span:.4f} <= "
+                out.append(f"{m.name} of subject '{s}' is undefined (NaN): {top} - {chance} = {span:.4f} <= "
                            f"{M.MIN_SPAN}, so there is no room between the chance level and the ceiling to measure a "
                            f"gain in.")
     return out

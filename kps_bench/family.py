@@ -3,7 +3,9 @@ resolutions that suit it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 SDXL, SD = "SDXL", "Stable Diffusion 1.x/2.x"
 SD_MAX_RESOLUTION = 768  # pixels per side; SD 1.x (trained at 512) repeats and deforms subjects above it
@@ -36,9 +38,40 @@ class BaseFamily:
 
 def base_family(pipe) -> BaseFamily:
     """The family of a loaded diffusers pipeline, from its class."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    name = (SDXL if isinstance(pipe, StableDiffusionXLPipeline) else SD if isinstance(pipe, StableDiffusionPipeline)
-            else None)
+    name = family_of(type(pipe))
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor if name else None
     return BaseFamily(name, type(pipe).__name__, native)
+
+
+def family_of(pipeline_class: type) -> str | None:
+    """:data:`SDXL`, :data:`SD`, or None, for a diffusers pipeline class (subclasses included)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return (SDXL if issubclass(pipeline_class, StableDiffusionXLPipeline)
+            else SD if issubclass(pipeline_class, StableDiffusionPipeline) else None)
+
+
+def declared_pipeline_class(resolved: str) -> type | None:
+    """The diffusers pipeline class that a base model's ``model_index.json`` names (``_class_name``), read without
+    loading a weight: from the folder ``resolved``, or for a hub id from the hub cache (nothing is downloaded). None
+    when that file is not there, cannot be read, or names a class diffusers does not have: loading the pipeline
+    then tells."""
+    import diffusers
+
+    index = Path(resolved) / "model_index.json"
+    if not Path(resolved).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(resolved, "model_index.json")
+        except ValueError:  # not a hub id either
+            return None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) else None

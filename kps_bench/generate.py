@@ -14,8 +14,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Container, Iterable, Iterator
 
+from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .protocol import Generation, Protocol, Subject, canonical_json, derive_seed, expand_prompt
 from .rundir import ImageRecord, atomic_path, readable_image, sha256_file
@@ -116,17 +117,19 @@ class Plan:
                     yield from self._seed_jobs(s, p, k)
 
     def distinct(self) -> Iterator[Job]:
-        """The first job of each distinct image. Equal keys have equal seeds, hence the same prompt and image index,
-        so only one (prompt, image) group of keys is held at a time."""
-        longest = max((len(self.protocol.prompts_for(s)) for s in self.subjects), default=0)
-        for p in range(longest):
-            for k in range(self.protocol.generation.images_per_prompt):
-                first: dict[str, Job] = {}
-                for s in self.subjects:
-                    if p < len(self.protocol.prompts_for(s)):
-                        for j in self._seed_jobs(s, p, k):
-                            first.setdefault(j.key, j)
-                yield from first.values()
+        """The first job of each distinct image, in the run's order (:meth:`jobs` without the jobs of an image made
+        before). Equal keys have equal seeds, hence the same prompt index, so a job is first when its key for image 0
+        is first: one key per subject, prompt and role is held, whatever the images per prompt."""
+        first: dict[tuple[int, str], tuple[int, int]] = {}
+        for i, s in enumerate(self.subjects):
+            for p in range(len(self.protocol.prompts_for(s))):
+                for r, j in enumerate(self._seed_jobs(s, p, 0)):
+                    first.setdefault((p, j.key), (i, r))
+        for i, s in enumerate(self.subjects):
+            for p in range(len(self.protocol.prompts_for(s))):
+                owned = [first[(p, j.key)] == (i, r) for r, j in enumerate(self._seed_jobs(s, p, 0))]
+                for k in range(self.protocol.generation.images_per_prompt):
+                    yield from (j for j, own in zip(self._seed_jobs(s, p, k), owned) if own)
 
     def _seed_jobs(self, s: Subject, p: int, k: int) -> list[Job]:
         g = self.protocol.generation
@@ -233,13 +236,27 @@ def sample(pipe, prompts: list[str], seeds: list[int], gen: Generation, batch_si
         yield i, out
 
 
-def missing_batches(jobs: Iterable[Job], image_dir: Path, batch_size: int) -> Iterator[list[Job]]:
+def survey(jobs: Iterable[Job], image_dir: Path) -> tuple[int, frozenset[str]]:
+    """Check the images of ``jobs`` (each image once) that ``image_dir`` already holds, deleting a corrupt one (see
+    :func:`is_cached`). Returns how many are missing, and the file names of those present."""
+    missing, present = 0, set()
+    for j in jobs:
+        if is_cached(image_dir / j.filename):
+            present.add(j.filename)
+        else:
+            missing += 1
+    return missing, frozenset(present)
+
+
+def missing_batches(jobs: Iterable[Job], image_dir: Path, batch_size: int,
+                    present: Container[str] | None = None) -> Iterator[list[Job]]:
     """Consecutive batches of ``batch_size`` jobs whose PNG is not in ``image_dir``, each image once, taken from
     ``jobs`` as they come. The caller has written every batch but the last one it was given when it asks for the next,
-    so only that batch's keys (and the batch being filled) are remembered."""
+    so only that batch's keys (and the batch being filled) are remembered. With ``present`` (file names, see
+    :func:`survey`), a job's PNG is missing when its name is not in it, whatever is written meanwhile."""
     batch, recent = [], set()
     for j in jobs:
-        if j.key in recent or is_cached(image_dir / j.filename):
+        if j.key in recent or (j.filename in present if present is not None else is_cached(image_dir / j.filename)):
             continue
         batch.append(j)
         recent.add(j.key)
@@ -250,18 +267,24 @@ def missing_batches(jobs: Iterable[Job], image_dir: Path, batch_size: int) -> It
         yield batch
 
 
-def generate(pipe, jobs: Iterable[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None) -> int:
+def generate(pipe, jobs: Iterable[Job], gen: Generation, image_dir: Path, batch_size: int, progress=None,
+             present: Container[str] | None = None, ranks: Ranks = SINGLE) -> int:
     """Make every job's PNG that is not in ``image_dir`` yet, ``batch_size`` images per call, taking the jobs as they
     come (a plan of any size starts at once). Returns how many were made.
+
+    Under a launcher, every rank plans the same batches from the same ``present`` (so what the other ranks write
+    meanwhile changes none) and makes its share of them (:meth:`Ranks.mine`): each image is made once, in the batch
+    a one-process run makes it in.
 
     A writer thread saves each batch's PNGs while the next batch is generated, so the device does not wait on the
     disk; a batch's writes finish before the next batch is queued (at most one batch waits in memory, and a write
     error stops the generation)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    assert present is not None or ranks.world == 1, "ranks plan their batches from one survey"
     made, writes = 0, []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kps-bench-png") as writer:
-        for batch in missing_batches(jobs, image_dir, batch_size):
+        for batch in ranks.mine(missing_batches(jobs, image_dir, batch_size, present)):
             _, out = next(sample(pipe, [j.prompt for j in batch], [j.seed for j in batch], gen, batch_size))
             for w in writes:
                 w.result()

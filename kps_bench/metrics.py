@@ -32,6 +32,8 @@ A gain is NaN (undefined) where its denominator is at most :data:`MIN_SPAN`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -159,3 +161,77 @@ def percentile_interval(samples: torch.Tensor, confidence: float) -> tuple[float
     alpha = (1.0 - confidence) / 2.0
     q = torch.quantile(s, torch.tensor([alpha, 1.0 - alpha], dtype=s.dtype))
     return float(q[0]), float(q[1])
+
+
+def resampled_mean(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    """Bootstrap of the mean over units (subjects, or one subject's training seeds), ``[units, resamples] ->
+    [resamples]``: replicate ``b`` draws the units with replacement (generator seeded with ``seed``) and averages the
+    drawn units' resample ``b``."""
+    n, resamples = rows.shape
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, n, (resamples, n), generator=g)
+    return rows.T.gather(1, pick).mean(1)
+
+
+def pooled_sd(groups) -> float:
+    """Standard deviation within groups (e.g. one subject's values over training seeds), pooled over the groups:
+    sqrt(sum of squared deviations from each group's mean / sum of (group size - 1)). NaN values are left out; NaN
+    when no group has two values."""
+    ss, df = 0.0, 0
+    for g in groups:
+        g = torch.as_tensor(g, dtype=torch.float64)
+        g = g[~torch.isnan(g)]
+        if g.numel() >= 2:
+            ss += float((g - g.mean()).pow(2).sum())
+            df += g.numel() - 1
+    return (ss / df) ** 0.5 if df else float("nan")
+
+
+def holm(pvalues) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the given order: the i-th smallest of m p-values becomes the running
+    maximum of min(1, (m - i + 1) p). NaN p-values (no test) stay NaN and are not counted in m."""
+    p = [float(x) for x in pvalues]
+    order = sorted((i for i, x in enumerate(p) if not math.isnan(x)), key=lambda i: p[i])
+    out, running = [float("nan")] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def paired_differences(a, b) -> torch.Tensor:
+    """The paired differences of prompts nested in subjects: ``a[i]`` and ``b[i]`` hold subject ``i``'s per-prompt
+    values ``[training seeds, prompts]`` of two methods (NaN where a seed has none), with the same prompts in the
+    same columns. Each side is averaged over its seeds; prompts undefined on either side are left out."""
+    d = torch.cat([torch.as_tensor(x, dtype=torch.float64).nanmean(0) - torch.as_tensor(y, dtype=torch.float64)
+                   .nanmean(0) for x, y in zip(a, b)]) if len(a) else torch.zeros(0, dtype=torch.float64)
+    return d[~torch.isnan(d)]
+
+
+def paired_median_difference(a, b, resamples: int, seed: int, confidence: float) -> tuple[float, float, float]:
+    """The median of :func:`paired_differences` and its percentile interval from a nested bootstrap: each
+    replicate draws subjects with replacement, then, per drawn subject, each side's training seeds and then the
+    prompts, all with replacement. ``(median, ci_low, ci_high)``; NaN without a pair."""
+    d = paired_differences(a, b)
+    if d.numel() == 0:
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.as_tensor(x, dtype=torch.float64) for x in a]
+    b = [torch.as_tensor(y, dtype=torch.float64) for y in b]
+    width = max(x.shape[1] for x in a)
+    per_subject = torch.full((len(a), resamples, width), float("nan"), dtype=torch.float64)
+
+    def seed_means(x: torch.Tensor) -> torch.Tensor:  # [resamples, prompts]
+        return x[torch.randint(0, x.shape[0], (resamples, x.shape[0]), generator=g)].nanmean(1)
+
+    for i, (x, y) in enumerate(zip(a, b)):
+        diff = seed_means(x) - seed_means(y)
+        n_prompts = x.shape[1]
+        if n_prompts == 0:
+            continue
+        per_subject[i, :, :n_prompts] = diff.gather(1, torch.randint(0, n_prompts, (resamples, n_prompts),
+                                                                       generator=g))
+    pick = torch.randint(0, len(a), (resamples, len(a)), generator=g)
+    drawn = per_subject[pick, torch.arange(resamples)[:, None]].reshape(resamples, -1)
+    lo, hi = percentile_interval(torch.nanquantile(drawn, 0.5, dim=1), confidence)
+    return float(torch.quantile(d, 0.5)), lo, hi

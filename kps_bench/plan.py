@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .distributed import Ranks, launched
 from .generate import sample, to_image
 from .protocol import Generation, Protocol
 from .provenance import Timings
@@ -33,7 +34,8 @@ class Calibration:
 @dataclass(frozen=True)
 class RunPlan:
     """The work of one run: images to generate (``new``) or found in the run folder or the image cache (``reused``),
-    per role; images per encoder; distinct prompt texts; and the time the calibration predicts."""
+    per role; images per encoder; distinct prompt texts; and the time the calibration predicts for ``world``
+    processes (torchrun / accelerate launch), which are dealt the generation and encoder batches in turn."""
 
     new: dict[str, int]
     reused: dict[str, int]
@@ -41,15 +43,19 @@ class RunPlan:
     texts: int
     steps: int
     calibration: Calibration
+    world: int = 1
 
     @property
     def generate_s(self) -> float:
+        """The generation calls of the process dealt the most, times the calibrated time of a call."""
         c = self.calibration
-        return sum(math.ceil(n / c.batch) for n in self.new.values()) * (c.call_s + self.steps * c.step_s)
+        calls = sum(math.ceil(math.ceil(n / c.batch) / self.world) for n in self.new.values())
+        return calls * (c.call_s + self.steps * c.step_s)
 
     @property
     def encode_s(self) -> float:
-        return sum(n * self.calibration.encode_s[name] for name, n in self.encoder_passes.items())
+        """The images encoded, shared by the processes, times the calibrated time of one."""
+        return sum(n * self.calibration.encode_s[name] for name, n in self.encoder_passes.items()) / self.world
 
     def text(self) -> str:
         c = self.calibration
@@ -61,12 +67,22 @@ class RunPlan:
                   + ", ".join(f"{name} {s * 1e3:.3g} ms per image" for name, s in c.encode_s.items()),
                   f"estimated time: {self.generate_s + self.encode_s:,.1f} s ({self.generate_s:,.1f} s generating, "
                   f"{self.encode_s:,.1f} s encoding; model loading not included)"]
+        if self.world > 1:
+            lines.append(f"processes: {self.world}, dealt the generation and encoder batches in turn (the estimate "
+                         f"assumes each computes as fast as the one calibrated)")
         return "\n".join(lines)
 
 
-def plan_run(protocol: Protocol, opts: RunOptions) -> RunPlan:
-    """The plan of ``kps-bench run`` with ``opts``, from its checked inputs and a short calibration."""
-    setup = prepare(protocol, opts, Timings())
+def plan_run(protocol: Protocol, opts: RunOptions) -> RunPlan | None:
+    """The plan of ``kps-bench run`` with ``opts``, from its checked inputs and a short calibration. Under
+    ``torchrun`` or ``accelerate launch`` rank 0 plans the whole run, on its device, and returns it; the other ranks
+    return None (a user error on rank 0 stops them too)."""
+    with launched() as ranks:
+        return ranks.check(lambda: _plan_run(protocol, opts, ranks) if ranks.main else None)
+
+
+def _plan_run(protocol: Protocol, opts: RunOptions, ranks: Ranks) -> RunPlan:
+    setup = prepare(protocol, opts, Timings(), ranks)
     image_dir = Path(opts.out) / "images"
     new, reused = {}, {}
     for role, jobs in (("base", setup.base_jobs(distinct=True)), ("adapter", setup.adapter_jobs(distinct=True))):
@@ -82,7 +98,7 @@ def plan_run(protocol: Protocol, opts: RunOptions) -> RunPlan:
     batch = max(1, min(setup.batch_size, max(new.values())))
     return RunPlan(new, reused, {name: images for name, _ in encoders},
                    sum(len(protocol.prompts_for(s)) for s in setup.subjects), protocol.generation.steps,
-                   calibrate(setup.base.pipe, encoders, protocol.generation, batch))
+                   calibrate(setup.base.pipe, encoders, protocol.generation, batch), ranks.world)
 
 
 def calibrate(pipe, encoders: list[tuple[str, object]], gen: Generation, batch: int) -> Calibration:

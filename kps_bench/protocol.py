@@ -6,20 +6,16 @@ schema below and hashed; the effective protocol (after overrides) is what result
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
-import importlib.resources
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .config import PROTOCOLS, apply_sets, coerce, find_file, read_mapping
 from .errors import UserError
 from .registry import PROTOCOL_METRICS
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler-a", "heun", "dpm-solver", "dpm-solver-sde", "unipc")
@@ -109,17 +105,23 @@ class Protocol:
     metrics: tuple[str, ...] = PROTOCOL_METRICS
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     description: str = ""
-    #: Extra free-form sections (e.g. ``training`` overrides read by the trainers); validated by their users.
+    #: Per-method recipe sections read by the trainers (``defaults``, ``lora``, ...); validated by
+    #: :func:`kps_bench.train.core.load_recipe`.
     training: dict = field(default_factory=dict)
+    #: Let training captions equal evaluation prompts (refused otherwise: it leaks the evaluation into training).
+    allow_prompt_overlap: bool = False
     #: Folder of the protocol file, against which relative paths in it are resolved.
     source: str = field(default="", compare=False)
+    #: The protocol file, for messages ("" when built from a dict).
+    file: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
-        """The effective protocol as plain data (what is recorded). Prompt sets and the references root are left
-        out when unused, so protocols without them keep their hash."""
+        """The effective protocol as plain data (what is recorded). Prompt sets, the references root and
+        ``allow_prompt_overlap`` are left out when unused (false), so protocols without them keep their hash."""
         d = dataclasses.asdict(self)
         d.pop("source")
-        for key in ("prompt_sets", "references_root"):
+        d.pop("file")
+        for key in ("prompt_sets", "references_root", "allow_prompt_overlap"):
             if not d[key]:
                 d.pop(key)
         for s in d["subjects"]:
@@ -212,9 +214,19 @@ def expand_prompt(template: str, subject: Subject, with_trigger: bool) -> str:
 
 
 def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """Seed of image ``image_index`` of prompt ``prompt_index``: a 63-bit hash of the three integers."""
-    digest = hashlib.sha256(f"kps-bench/{seed}/{prompt_index}/{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """Seed of image ``image_index`` of prompt ``prompt_index``: a 63-bit hash of the three integers, so < 2**63."""
+    return _hash63(f"kps-bench/{seed}/{prompt_index}/{image_index}")
+
+
+def class_image_seed(seed: int, index: int) -> int:
+    """Seed of DreamBooth class image ``index`` for recipe seed ``seed``: a 63-bit hash of both with bit 63 set, so
+    in [2**63, 2**64), disjoint from every evaluation seed (:func:`derive_seed` < 2**63) whatever the seeds."""
+    return (1 << 63) | _hash63(f"kps-bench/class-images/{seed}/{index}")
+
+
+def _hash63(text: str) -> int:
+    """The first 8 bytes of the SHA-256 of ``text``, little-endian, top bit cleared: an integer in [0, 2**63)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def canonical_json(obj: Any) -> str:
@@ -224,110 +236,11 @@ def canonical_json(obj: Any) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def shipped_dir(package: str) -> Path:
-    """The folder of files shipped as package data: ``kps_bench.protocols`` (the repository's protocols/) or
-    ``kps_bench.baselines`` (baselines/), located with importlib.resources."""
-    return Path(str(importlib.resources.files(package)))
-
-
-def protocol_dirs() -> list[Path]:
-    """Where protocol names are looked up: $KPS_BENCH_PROTOCOLS, ./protocols, the protocols shipped with kps-bench."""
-    dirs = []
-    if os.environ.get("KPS_BENCH_PROTOCOLS"):
-        dirs += [Path(p) for p in os.environ["KPS_BENCH_PROTOCOLS"].split(os.pathsep) if p]
-    dirs.append(Path.cwd() / "protocols")
-    dirs.append(shipped_dir("kps_bench.protocols"))
-    seen, out = set(), []
-    for d in dirs:
-        if d.resolve() not in seen and d.is_dir():
-            seen.add(d.resolve())
-            out.append(d)
-    return out
-
-
-def list_protocols() -> dict[str, Path]:
-    """Protocol name -> file, over :func:`protocol_dirs` (earlier folders win)."""
-    found: dict[str, Path] = {}
-    for d in protocol_dirs():
-        for f in sorted(d.glob("*.yaml")):
-            found.setdefault(f.stem, f)
-    return found
-
-
-def find_protocol(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path or p.exists():
-        if not p.is_file():
-            raise UserError(f"Protocol file '{name_or_path}' does not exist. Give a path to a YAML file or a protocol name "
-                            f"(see `kps-bench protocols list`).")
-        return p
-    known = list_protocols()
-    if name_or_path not in known:
-        raise UserError(f"Unknown protocol '{name_or_path}'. Known protocols: {', '.join(sorted(known)) or 'none'}; "
-                        f"or give the path to a protocol YAML file.")
-    return known[name_or_path]
-
-
 def load_protocol(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Protocol:
     """Load, override (``dotted.key=value``), validate. Every error names the file, the field and what was expected."""
-    path = find_protocol(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"Cannot read protocol file '{path}': {e.strerror}.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"Protocol file '{path}' is not UTF-8 text (byte {e.start}: {e.reason}). Give a protocol "
-                        f"YAML file saved as UTF-8.") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"Protocol file '{path}' is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"Protocol file '{path}' must hold a mapping of fields (name, version, base_model, ...), "
-                        f"got {type(raw).__name__}.")
-    raw = apply_overrides(raw, overrides, str(path))
+    path = find_file(PROTOCOLS, name_or_path)
+    raw = apply_sets(read_mapping(path, PROTOCOLS), overrides, str(path), "--set generation.steps=25", _fields_at)
     return protocol_from_dict(raw, str(path))
-
-
-def apply_overrides(raw: dict, overrides, where: str) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML; list items by index, e.g. ``subjects.0.trigger=zwx``)."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set '{item}' must look like dotted.key=value, e.g. --set generation.steps=25.")
-        key, value = item.split("=", 1)
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"--set '{item.encode('utf-8', 'backslashreplace').decode()}' is not valid UTF-8 text; "
-                            f"give the value as UTF-8.") from None
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            parsed = value
-        node: Any = raw
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            allowed = _fields_at(parts[:i])
-            if allowed is not None and part not in allowed:
-                raise UserError(f"--set {key}: unknown field '{'.'.join(parts[: i + 1])}'. Allowed fields"
-                                f"{' of ' + '.'.join(parts[:i]) if i else ''}: {', '.join(allowed)}.")
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise UserError(f"--set {key}: '{part}' is not an index of the list at "
-                                    f"'{'.'.join(parts[:i])}' in {where} (it has {len(node)} items).")
-                idx = int(part)
-                if last:
-                    node[idx] = parsed
-                else:
-                    node = node[idx]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = parsed
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise UserError(f"--set {key}: '{'.'.join(parts[:i])}' in {where} is a value, not a section.")
-    return raw
 
 
 def _fields_at(path: list[str]) -> list[str] | None:
@@ -346,22 +259,6 @@ def _fields_at(path: list[str]) -> list[str] | None:
 
 def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-
-
-def _type_name(t) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
-
-
-def _check_scalar(value, t, path: str, where: str):
-    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise UserError(f"{where}: field '{path}' must be a finite number, got {value!r}.")
-        return float(value)
-    if t is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. version: 1.0
-    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-        raise UserError(f"{where}: field '{path}' must be {_type_name(t)}, got {value!r} ({type(value).__name__}).")
-    return value
 
 
 def _build(cls, data, path: str, where: str):
@@ -387,11 +284,11 @@ def _build(cls, data, path: str, where: str):
         if sub is not None:
             kwargs[name] = _build(sub, value, fp, where)
         else:
-            kwargs[name] = _check_scalar(value, _SCALARS[hints[name]], fp, where) if hints[name] in _SCALARS else value
+            kwargs[name] = coerce(value, hints[name], fp, where) if hints[name] in _SCALARS else value
     return cls(**kwargs)
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+_SCALARS = ("int", "float", "str", "bool")
 
 
 def _join(path: str, name: str) -> str:
@@ -463,8 +360,9 @@ def protocol_from_dict(raw: dict, where: str = "<protocol>") -> Protocol:
         name=top.name, version=top.version, base_model=top.base_model, subjects=subjects,
         prompts=prompts, prompt_sets=prompt_sets, references_root=top.references_root, generation=g,
         encoders=top.encoders, metrics=tuple(metrics_raw), bootstrap=b, description=top.description,
-        training=training_raw,
+        training=training_raw, allow_prompt_overlap=top.allow_prompt_overlap,
         source=str(Path(where).resolve().parent) if os.path.exists(where) else "",
+        file=where if os.path.exists(where) else "",
     )
 
 
@@ -495,11 +393,12 @@ class _Top:
     encoders: Encoders = field(default_factory=Encoders)
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     description: str = ""
+    allow_prompt_overlap: bool = False
 
 
 #: Every top-level field: the dataclass ones and those validated by hand in protocol_from_dict.
 _TOP_FIELDS = ["name", "version", "description", "base_model", "generation", "encoders", "subjects", "prompts",
-               "prompt_sets", "references_root", "metrics", "bootstrap", "training"]
+               "prompt_sets", "references_root", "metrics", "bootstrap", "training", "allow_prompt_overlap"]
 
 _NESTED = {
     (_Top, "generation"): Generation,

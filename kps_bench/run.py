@@ -14,11 +14,12 @@ from typing import Iterator
 
 from . import KPS_VERSION, __version__
 from .cache import ImageCache
+from .distributed import SINGLE, Ranks, launched
 from .encoders import ClipEncoder, DinoEncoder, embed_images
 from .errors import UserError, stop_when_disk_full
 from .evaluate import check_seeds, compute_results
 from .family import base_family
-from .generate import Job, Plan, check_plan_size, generate, is_cached, job_records, oom_guard
+from .generate import Job, Plan, check_plan_size, generate, job_records, oom_guard, survey
 from .lock import RUN_LOCK, exclusive
 from .models import (AdapterInfo, LoadedModel, SpeedFlags, apply_adapter, check_adapter_fits, load_pipeline,
                      resolve_adapter, resolve_device)
@@ -127,36 +128,55 @@ def load_encoders(protocol: Protocol, device: str, allow_unsafe_pickle: bool = F
 
 
 def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, encoders, timings: Timings,
-                    provenance: dict) -> dict:
+                    provenance: dict, ranks: Ranks = SINGLE) -> dict | None:
     """Encode every image once per encoder, compute metrics (and the shapes world's ground truth), and write
-    images.jsonl, embeddings.safetensors and results.json as one unit. Raises a UserError after writing when more
-    than half of the base or adapter images are flagged (results.json says ``status: failed``)."""
+    images.jsonl, embeddings.safetensors and results.json as one unit. Under a launcher the ranks share the image
+    encoding and rank 0 does the rest: the results are returned there, None on the other ranks. Raises a UserError
+    after writing when more than half of the base or adapter images are flagged (results.json says ``status:
+    failed``)."""
     clip, dino = encoders
-    enc = protocol.encoders
     valid = [r for r in records if r.valid]
     paths = [resolve_image_path(out, r) for r in valid]
-    for r, p in zip(valid, paths):
-        if not p.is_file():
-            raise UserError(f"Image '{p}' listed in the manifest (id {r.id}) does not exist.")
-    hashes = [r.sha256 or sha256_file(p) for r, p in zip(valid, paths)]
+
+    def hashes_of_existing_images() -> list[str]:
+        for r, p in zip(valid, paths):
+            if not p.is_file():
+                raise UserError(f"Image '{p}' listed in the manifest (id {r.id}) does not exist.")
+        return [r.sha256 or sha256_file(p) for r, p in zip(valid, paths)]
+
+    hashes = ranks.check(hashes_of_existing_images)
     tensors = {}
     encoders = [(name, e) for name, e in (("clip", clip), ("dino", dino)) if e is not None]
+    provenance["encoders"] = {name: e.identity for name, e in encoders}
     with timings("encode"):
         for name, encoder in encoders:
-            distinct = len(set(hashes))
-            with progress(f"encode {name}", distinct) as advance, oom_guard(f"encoding with {name}", enc.batch_size,
-                                                                            "--set encoders.batch_size=N"):
-                by_hash = embed_images(paths, encoder.encode_images, hashes, advance)
-            for r, h in zip(valid, hashes):
-                tensors[f"{name}/{r.id}"] = by_hash[h]
+            with progress(f"encode {name}", ranks.share(len(set(hashes)), encoder.batch_size)) as advance:
+                def embed_my_batches(encoder=encoder, advance=advance) -> dict:
+                    with oom_guard(f"encoding with {name}", encoder.batch_size, "--set encoders.batch_size=N"):
+                        return embed_images(paths, encoder.encode_images, hashes, encoder.batch_size, advance, ranks)
+
+                parts = ranks.gather(embed_my_batches)
+            if ranks.main:
+                by_hash = {h: e for part in parts for h, e in part.items()}
+                for r, h in zip(valid, hashes):
+                    tensors[f"{name}/{r.id}"] = by_hash[h]
+    return ranks.check(lambda: score_and_write(records, tensors, out, protocol, clip, timings, provenance)
+                       if ranks.main else None)
+
+
+def score_and_write(records: list[ImageRecord], tensors: dict, out: Path, protocol: Protocol,
+                    clip: ClipEncoder | None, timings: Timings, provenance: dict) -> dict:
+    """Given the images' embeddings (``tensors``: ``clip/<id>``, ``dino/<id>`` for the loaded encoders): encode the
+    prompts (with CLIP, when loaded), compute the metrics and the ground truth, and write the run folder's three
+    files (see :func:`embed_and_score`)."""
+    with timings("encode"):
         texts = {}
-        for r in valid:
-            if r.role != "reference" and clip is not None:
+        for r in records:
+            if r.valid and r.role != "reference" and clip is not None:
                 texts[f"clip_text/{r.subject}/{r.prompt_index}"] = r.prompt_without_trigger
         keys = sorted(texts)
         for k, e in zip(keys, clip.encode_texts([texts[k] for k in keys]) if keys else []):
             tensors[k] = e
-    provenance["encoders"] = {name: e.identity for name, e in encoders}
     b = protocol.bootstrap
     with timings("metrics"):
         results = compute_results(records, tensors, protocol.metrics, b.resamples, b.seed, b.confidence)
@@ -211,12 +231,14 @@ def recompute(run_dir: Path) -> dict:
                            prot["metrics"], b["resamples"], b["seed"], b["confidence"])
 
 
-def base_provenance(protocol: Protocol, device: str, extra: dict) -> dict:
+def base_provenance(protocol: Protocol, device: str, world_size: int, extra: dict) -> dict:
+    """What every run and score records; ``world_size``: the processes that shared the work (1 without a
+    launcher)."""
     return {
         "protocol": protocol.to_dict(), "protocol_sha256": protocol.sha256, "protocol_name": protocol.name,
         "protocol_version": protocol.version, "kps_version": KPS_VERSION, "packages": package_versions(),
         "git_commit": git_commit(), "device": device_info(device), "bootstrap_seed": protocol.bootstrap.seed,
-        "start_time": now_iso(), **extra,
+        "start_time": now_iso(), "world_size": world_size, **extra,
     }
 
 
@@ -244,11 +266,24 @@ def select_subjects(protocol: Protocol, names: tuple[str, ...], adapter: Adapter
 
 
 @contextlib.contextmanager
-def writing_run_folder(out: Path, command: str):
+def writing_run_folder(out: Path, command: str, ranks: Ranks = SINGLE):
     """Check that ``out`` can be written, then hold its lock (one writer at a time; stale temporaries are removed
-    only under it) and stop with a clear error when its disk fills up."""
-    check_writable(out)
-    with stop_when_disk_full(out, f"re-run the same `{command}`"), exclusive(out / RUN_LOCK, f"run folder '{out}'"):
+    only under it) and stop with a clear error when its disk fills up. Under a launcher rank 0 alone holds the lock,
+    and every other rank checks that it sees the same folder."""
+    with contextlib.ExitStack() as held:
+        def lock():
+            check_writable(out)
+            held.enter_context(stop_when_disk_full(out, f"re-run the same `{command}`"))
+            held.enter_context(exclusive(out / RUN_LOCK, f"run folder '{out}'"))
+
+        def see_lock():
+            if not (out / RUN_LOCK).is_file():
+                raise UserError(f"Rank {ranks.rank} does not see the run folder '{out}' that rank 0 locked: the ranks "
+                                f"write one folder. Give an --out on a file system that every machine of the launch "
+                                f"shares.")
+
+        ranks.check(lambda: lock() if ranks.main else None)
+        ranks.check(lambda: None if ranks.main else see_lock())
         yield
 
 
@@ -279,11 +314,12 @@ class Setup:
         return (j for j in jobs if j.role == "adapter")
 
 
-def prepare(protocol: Protocol, opts: RunOptions, timings: Timings) -> Setup:
-    """Resolve and check every input, load the encoders and the base model, and plan the images. Writes nothing."""
+def prepare(protocol: Protocol, opts: RunOptions, timings: Timings, ranks: Ranks = SINGLE) -> Setup:
+    """Resolve and check every input, load the encoders and the base model (on this rank's device), and plan the
+    images. Writes nothing."""
     adapter = resolve_adapter(opts.adapter, opts.adapter_kind, opts.allow_unsafe_pickle)
     subjects = select_subjects(protocol, opts.subjects, adapter)
-    device = resolve_device(opts.device)
+    device = ranks.device(resolve_device(opts.device))
     cache = ImageCache.open(opts.cache_dir)
     check_reference_folders(protocol, subjects)
     for s in subjects:
@@ -304,67 +340,86 @@ def prepare(protocol: Protocol, opts: RunOptions, timings: Timings) -> Setup:
     return Setup(adapter, subjects, device, cache, encoders, base, plan, opts.batch_size or g.batch_size)
 
 
-def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
-    """Generate base and adapter images for every subject and prompt, then score them into ``opts.out``."""
-    with writing_run_folder(Path(opts.out), "kps-bench run"):
-        return _run_benchmark(protocol, opts)
+def run_benchmark(protocol: Protocol, opts: RunOptions) -> dict | None:
+    """Generate base and adapter images for every subject and prompt, then score them into ``opts.out``. Under
+    ``torchrun`` or ``accelerate launch`` the ranks share the generation and the encoding, and rank 0 writes the run
+    folder: the results are returned there, None on the other ranks."""
+    with launched() as ranks, writing_run_folder(Path(opts.out), "kps-bench run", ranks):
+        return _run_benchmark(protocol, opts, ranks)
 
 
-def _run_benchmark(protocol: Protocol, opts: RunOptions) -> dict:
+def _run_benchmark(protocol: Protocol, opts: RunOptions, ranks: Ranks) -> dict | None:
     timings = Timings()
     out = Path(opts.out)
     start = now_iso()
-    setup = prepare(protocol, opts, timings)
+    setup = ranks.check(lambda: prepare(protocol, opts, timings, ranks))
     adapter, base, g = setup.adapter, setup.base, protocol.generation
-    provenance = base_provenance(protocol, setup.device, {
-        "adapter": adapter.to_dict(), "label": opts.label or (adapter.training or {}).get("method"),
-        "method": (adapter.training or {}).get("method") or opts.label or adapter.kind,
-        "subjects": [s.name for s in setup.subjects], "batch_size": setup.batch_size,
-        "seeds": {"generation": g.seed, "bootstrap": protocol.bootstrap.seed}, "overrides": list(opts.overrides),
-        "start_time": start, "base_model": base.identity, "dtype": base.dtype, "speed": dataclasses.asdict(opts.speed),
-    })
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / "images"):
-        if n := remove_stale_temporaries(folder):
-            console.print(f"removed {n} temporary file(s) that an interrupted run left in '{folder}'")
-    if n := setup.cache.remove_stale_temporaries():
-        console.print(f"removed {n} temporary file(s) that interrupted writers left in the image cache "
-                      f"'{setup.cache.root}' over an hour ago")
-    refs = [r for s in setup.subjects for r in reference_records(protocol, s, out)]
     image_dir, batch, cache = out / "images", setup.batch_size, setup.cache
-    made, taken = {}, {}
+
+    def begin():
+        """Rank 0: provenance, clean-up, references, the cached base images, and what is left to make."""
+        provenance = base_provenance(protocol, setup.device, ranks.world, {
+            "adapter": adapter.to_dict(), "label": opts.label or (adapter.training or {}).get("method"),
+            "method": (adapter.training or {}).get("method") or opts.label or adapter.kind,
+            "subjects": [s.name for s in setup.subjects], "batch_size": setup.batch_size,
+            "seeds": {"generation": g.seed, "bootstrap": protocol.bootstrap.seed}, "overrides": list(opts.overrides),
+            "start_time": start, "base_model": base.identity, "dtype": base.dtype,
+            "speed": dataclasses.asdict(opts.speed),
+        })
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (out, image_dir):
+            if n := remove_stale_temporaries(folder):
+                console.print(f"removed {n} temporary file(s) that an interrupted run left in '{folder}'")
+        if n := cache.remove_stale_temporaries():
+            console.print(f"removed {n} temporary file(s) that interrupted writers left in the image cache "
+                          f"'{cache.root}' over an hour ago")
+        refs = [r for s in setup.subjects for r in reference_records(protocol, s, out)]
+        taken = {"base": cache.take(setup.base_jobs(), image_dir)}
+        return provenance, refs, taken, survey(setup.base_jobs(distinct=True), image_dir)
+
+    def make(pipe, jobs, todo: int, present, what: str) -> int:
+        """Every rank makes its share of the missing images; the number made by all."""
+        with progress(f"generate {what}", ranks.share(todo, batch)) as advance:
+            made = ranks.gather(lambda: generate(pipe, jobs, g, image_dir, batch, advance, present, ranks))
+        return sum(made or ())
+
+    made = {}
     with timings("generate_base"):
-        taken["base"] = cache.take(setup.base_jobs(), image_dir)
-        todo = sum(not (image_dir / j.filename).is_file() for j in setup.base_jobs(distinct=True))
-        with progress("generate base", todo) as advance:
-            made["base"] = generate(base.pipe, setup.base_jobs(), g, image_dir, batch, advance)
-        cache.keep(setup.base_jobs(), image_dir)
+        provenance, refs, taken, (todo, present) = ranks.on_main(begin)
+        made["base"] = make(base.pipe, setup.base_jobs(distinct=True), todo, present, "base")
+        ranks.check(lambda: ranks.main and cache.keep(setup.base_jobs(), image_dir))
     if adapter.kind != "none":
-        todo = sum(not is_cached(image_dir / j.filename) for j in setup.adapter_jobs(distinct=True))
+        todo, present = ranks.on_main(lambda: survey(setup.adapter_jobs(distinct=True), image_dir))
         if todo:
-            with timings("load_adapter"):
+            def load_adapter():
                 pipe = apply_adapter(base, adapter, setup.triggers, setup.device, g.dtype, g.scheduler,
                                      opts.allow_unsafe_pickle)
                 opts.speed.apply(pipe)
-            with timings("generate_adapter"), progress("generate adapter", todo) as advance:
-                made["adapter"] = generate(pipe, setup.adapter_jobs(), g, image_dir, batch, advance)
+                return pipe
+
+            with timings("load_adapter"):
+                pipe = ranks.check(load_adapter)
+            with timings("generate_adapter"):
+                made["adapter"] = make(pipe, setup.adapter_jobs(distinct=True), todo, present, "adapter")
     provenance.update(images_made=made, images_from_cache=taken, image_cache=str(cache.root))
-    records = refs + job_records(setup.plan.jobs(), image_dir, out)
-    return embed_and_score(records, out, protocol, setup.encoders, timings, provenance)
+    records = ranks.on_main(lambda: refs + job_records(setup.plan.jobs(), image_dir, out))
+    return embed_and_score(records, out, protocol, setup.encoders, timings, provenance, ranks)
 
 
 def score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str = "auto", label: str | None = None,
-                   allow_unsafe_pickle: bool = False, allow_outside_paths: bool = False) -> dict:
+                   allow_unsafe_pickle: bool = False, allow_outside_paths: bool = False) -> dict | None:
     """Score images made elsewhere: references come from the manifest, or from the protocol's subjects. Image paths
-    must stay inside the manifest's folder unless ``allow_outside_paths``; ``label`` names the method."""
-    with writing_run_folder(Path(out), "kps-bench score"):
-        return _score_manifest(protocol, manifest, Path(out), device, label, allow_unsafe_pickle, allow_outside_paths)
+    must stay inside the manifest's folder unless ``allow_outside_paths``; ``label`` names the method. Under a
+    launcher the ranks share the encoding, and rank 0 returns the results (the others None)."""
+    with launched() as ranks, writing_run_folder(Path(out), "kps-bench score", ranks):
+        return _score_manifest(protocol, manifest, Path(out), device, label, allow_unsafe_pickle, allow_outside_paths,
+                               ranks)
 
 
-def _score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str, label: str | None,
-                    allow_unsafe_pickle: bool, allow_outside_paths: bool) -> dict:
-    timings = Timings()
-    device = resolve_device(device)
+def read_checked_manifest(protocol: Protocol, manifest: Path, out: Path,
+                          allow_outside_paths: bool) -> list[ImageRecord]:
+    """The manifest's records, each image checked (subject, place, readable, sha256) and flagged when black, with
+    paths made relative to ``out``, and their seeds checked (:func:`check_seeds`)."""
     records = read_manifest(manifest)
     if not any(r.role != "reference" for r in records):
         raise UserError(f"Manifest '{manifest}' lists no base or adapter image (role 'base' or 'adapter'), so there "
@@ -394,14 +449,26 @@ def _score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str, 
         if not r.flags and is_black(p):
             r.flags = ["black"]
     check_seeds(records, str(manifest))
+    return records
+
+
+def _score_manifest(protocol: Protocol, manifest: Path, out: Path, device: str, label: str | None,
+                    allow_unsafe_pickle: bool, allow_outside_paths: bool, ranks: Ranks) -> dict | None:
+    timings = Timings()
+    device = ranks.check(lambda: ranks.device(resolve_device(device)))
+    records = ranks.on_main(lambda: read_checked_manifest(protocol, manifest, out, allow_outside_paths))
     with timings("load_encoders"):
-        encoders = load_encoders(protocol, device, allow_unsafe_pickle)
-    out.mkdir(parents=True, exist_ok=True)
-    have_refs = {r.subject for r in records if r.role == "reference"}
-    for s in protocol.subjects:
-        if s.name in {r.subject for r in records} and s.name not in have_refs:
-            records += reference_records(protocol, s, out)
-    provenance = base_provenance(protocol, device, {"manifest": str(manifest.resolve()),
-                                                    "manifest_sha256": sha256_file(manifest),
-                                                    "label": label, "method": label or "base"})
-    return embed_and_score(records, out, protocol, encoders, timings, provenance)
+        encoders = ranks.check(lambda: load_encoders(protocol, device, allow_unsafe_pickle))
+
+    def begin():
+        """Rank 0: the references the manifest lacks, and provenance."""
+        out.mkdir(parents=True, exist_ok=True)
+        have_refs = {r.subject for r in records if r.role == "reference"}
+        refs = [r for s in protocol.subjects if s.name in {r.subject for r in records} and s.name not in have_refs
+                for r in reference_records(protocol, s, out)]
+        return refs, base_provenance(protocol, device, ranks.world, {
+            "manifest": str(manifest.resolve()), "manifest_sha256": sha256_file(manifest), "label": label,
+            "method": label or "base"})
+
+    refs, provenance = ranks.on_main(begin)
+    return embed_and_score(records + refs, out, protocol, encoders, timings, provenance, ranks)

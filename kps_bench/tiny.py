@@ -214,6 +214,7 @@ def tiny_protocol(name: str = "tiny", base_model: str = "pipeline") -> dict:
                       "references": f"references/{s['name']}"} for s in TINY_SUBJECTS],
         "prompts": ["a photo of a {subject}", "a {subject} on a table"],
         "bootstrap": {"resamples": 200, "seed": 0, "confidence": 0.95},
+        "training": {"defaults": {"captions": ["a {subject}"]}},  # not an evaluation prompt
     }
 
 

@@ -28,3 +28,24 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_protocol(tiny):
     return tiny / "tiny.yaml"
+
+
+@pytest.fixture
+def protocol_copy(tiny, tmp_path):
+    """``make(**changes)``: the tiny protocol with top-level ``changes``, written to ``tmp_path/p.yaml`` with absolute
+    paths to the tiny models (references given as absolute paths are kept)."""
+    import yaml
+
+    def make(**changes):
+        d = yaml.safe_load((tiny / "tiny.yaml").read_text())
+        d.update(changes)
+        d["base_model"] = str(tiny / d["base_model"])
+        d["encoders"]["clip"] = {k: str(tiny / v) for k, v in d["encoders"]["clip"].items()}
+        d["encoders"]["dino"]["model"] = str(tiny / d["encoders"]["dino"]["model"])
+        for s in d["subjects"]:
+            s["references"] = str(tiny / s["references"])  # unchanged when absolute
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump(d))
+        return path
+
+    return make

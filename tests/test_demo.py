@@ -29,3 +29,43 @@ def test_demo_reduced_end_to_end_and_cached(tmp_path):
     second = run_demo(opts)  # every adapter and run is reused
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")} == stamps
     assert second.markdown == first.markdown
+
+
+def _without_times(value):
+    """A results.json or training.json without what changes from run to run: times, and paths under the folder."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items()
+                if k not in {"start_time", "end_time", "duration_s", "timings_s", "image_cache", "path",
+                             "train_log.csv"}}
+    return value
+
+
+@pytest.mark.slow
+def test_demo_jobs_on_two_workers_make_the_files_of_a_sequential_demo(tiny_protocol, tmp_path):
+    """`demo --jobs 2` on the CPU (tiny models, two methods): every adapter, image, embedding, leaderboard and figure
+    has the bytes of the sequential demo's; results and trainings differ only in their times."""
+    def demo(name, jobs):
+        return run_demo(DemoOptions(out=tmp_path / name, protocol=str(tiny_protocol), subjects=("red-block",),
+                                    methods=("lora", "textual-inversion"), device="cpu", jobs=jobs,
+                                    cache_dir=tmp_path / f"cache-{name}", resamples=100,
+                                    train_overrides=("steps=2", "resolution=32", "checkpoint_every=2",
+                                                     "gradient_checkpointing=false")))
+
+    one, two = demo("one", None), demo("two", 2)
+    assert one.markdown == two.markdown
+    a, b = one.out, two.out
+    assert sorted(p.name for p in (b / "logs").iterdir()) == [
+        "evaluate-base.log", "evaluate-lora-red-block.log", "evaluate-textual-inversion-red-block.log",
+        "train-lora-red-block.log", "train-textual-inversion-red-block.log"]
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*")
+                           if p.is_file() and p.relative_to(b).parts[0] != "logs")
+    assert len([f for f in files if f.suffix == ".png"]) > 30
+    for f in files:
+        if f.name in ("results.json", "training.json"):
+            assert _without_times(json.loads((a / f).read_text())) == _without_times(json.loads((b / f).read_text()))
+        elif f.name == "train_log.csv":  # its last column is the elapsed time
+            assert [l.rsplit(",", 1)[0] for l in (a / f).read_text().splitlines()] == \
+                [l.rsplit(",", 1)[0] for l in (b / f).read_text().splitlines()]
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f

@@ -29,28 +29,12 @@ def expect_user_error(result, *fragments):
         assert f in result.output, result.output
 
 
-def protocol_copy(tiny, tmp_path, **changes):
-    d = yaml.safe_load((tiny / "tiny.yaml").read_text())
-    for k, v in changes.items():
-        d[k] = v
-    for key in ("base_model",):
-        d[key] = str(tiny / d[key])
-    d["encoders"]["clip"] = {k: str(tiny / v) for k, v in d["encoders"]["clip"].items()}
-    d["encoders"]["dino"]["model"] = str(tiny / d["encoders"]["dino"]["model"])
-    for s in d["subjects"]:
-        if not s["references"].startswith("/"):
-            s["references"] = str(tiny / s["references"])
-    p = tmp_path / "p.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
-
-
 def test_missing_protocol(tmp_path):
     expect_user_error(cli("run", "--protocol", tmp_path / "nope.yaml"), "does not exist")
 
 
-def test_unknown_field_named_with_file(tiny, tmp_path):
-    p = protocol_copy(tiny, tmp_path, colour="red")
+def test_unknown_field_named_with_file(protocol_copy):
+    p = protocol_copy(colour="red")
     expect_user_error(cli("protocols", "validate", p), "unknown field 'colour'", str(p))
 
 
@@ -89,15 +73,15 @@ def test_lora_that_matches_nothing(tiny_protocol, tmp_path):
     expect_user_error(r, "matched 0 of its 1 modules")
 
 
-def test_textual_inversion_token_already_in_tokenizer(tiny, tmp_path):
-    p = protocol_copy(tiny, tmp_path)
+def test_textual_inversion_token_already_in_tokenizer(tiny, tmp_path, protocol_copy):
+    p = protocol_copy()
     r = cli(*run_args(p, tmp_path / "o"), "--adapter", tiny / "textual-inversion", "--subject", "red-block",
             "--set", "subjects.0.trigger=in")  # "in" is a CLIP token
     expect_user_error(r, "'in' already exists in the base model's tokenizer")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not-images", "corrupt"])
-def test_bad_reference_folders(tiny, tmp_path, case):
+def test_bad_reference_folders(tiny, tmp_path, protocol_copy, case):
     refs = tmp_path / "refs"
     if case != "missing":
         refs.mkdir()
@@ -107,7 +91,7 @@ def test_bad_reference_folders(tiny, tmp_path, case):
         (refs / "a.png").write_bytes(b"not a png")
     subjects = yaml.safe_load((tiny / "tiny.yaml").read_text())["subjects"]
     subjects[0]["references"] = str(refs)
-    p = protocol_copy(tiny, tmp_path, subjects=subjects)
+    p = protocol_copy(subjects=subjects)
     expected = {"missing": "does not exist", "empty": "is empty", "not-images": "holds no images",
                 "corrupt": "not a readable image"}[case]
     expect_user_error(cli(*run_args(p, tmp_path / "o")), "subjects[red-block].references", expected)
@@ -360,12 +344,12 @@ def test_malformed_input_exits_2_with_a_message_and_writes_nothing(case, tiny, t
 
 
 @pytest.mark.parametrize("case", ["clip config", "lora shapes", "textual-inversion size"])
-def test_misfits_are_found_before_the_first_image(case, tiny, tmp_path):
+def test_misfits_are_found_before_the_first_image(case, tiny, tmp_path, protocol_copy):
     from safetensors.torch import load_file
 
     args, expected = [], []
     if case == "clip config":
-        p = protocol_copy(tiny, tmp_path)
+        p = protocol_copy()
         missing = str(tiny / "clip" / "missing_config.json")
         p.write_text(p.read_text().replace(str(tiny / "clip" / "open_clip_config.json"), missing))
         r = cli("protocols", "validate", p)

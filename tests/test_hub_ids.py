@@ -34,7 +34,8 @@ def test_pipeline_and_dino_load_by_hub_id_and_record_the_revision(tiny, tmp_path
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["identity"] == {"spec": "kps-test/tiny-sd", "hub_id": "kps-test/tiny-sd", "revision": COMMIT}
+    assert got["identity"] == {"spec": "kps-test/tiny-sd", "hub_id": "kps-test/tiny-sd", "revision": COMMIT,
+                               "pipeline_class": "StableDiffusionPipeline"}
     assert got["scheduler"] == "EulerDiscreteScheduler"
     assert got["dino"]["model"] == "kps-test/tiny-dino" and got["shape"] == [1, 32]
 

@@ -316,3 +316,64 @@ def test_the_registry_is_consistent():
     assert R.encoders_needed(["kps", "identity", "preservation"]) == {"clip"}
     assert R.closure(["kps_gain"]) == ["kps_gain", "identity", "identity_base", "identity_ceiling", "identity_gain",
                                        "preservation", "preservation_floor", "preservation_gain"]
+
+
+# ----------------------------------------------------------------------------- issue 15: leaderboard statistics
+
+
+def f64(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_holm_hand_values():
+    # m = 4 defined p-values: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04 -> running max 0.06
+    adjusted = M.holm([0.01, 0.04, 0.03, 0.005, float("nan")])
+    assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15) and math.isnan(adjusted[4])
+    assert M.holm([0.6, 0.7]) == [1.0, 1.0]  # 0.6 x 2 is capped at 1, and the larger p cannot fall below it
+    assert M.holm([]) == []
+
+
+def test_pooled_sd_hand_values():
+    # squared deviations 0.01 + 0 + 0.01 (df 2) and 0.01 + 0.01 (df 1); a single seed adds nothing
+    assert M.pooled_sd([[0.7, 0.8, 0.9], [0.5, 0.7], [0.3]]) == pytest.approx(math.sqrt(0.04 / 3), abs=1e-12)
+    assert M.pooled_sd([[0.7, float("nan"), 0.9]]) == pytest.approx(math.sqrt(0.02), abs=1e-12)
+    assert math.isnan(M.pooled_sd([[0.3], [0.4]]))
+
+
+def test_paired_differences_average_each_side_over_its_training_seeds():
+    a = [f64([[0.6, 0.7], [0.8, 0.9]]), f64([[0.4, 0.6, 0.5]])]  # subject 1: 2 seeds x 2 prompts
+    b = [f64([[0.5, 0.5]]), f64([[0.5, 0.5, 0.6]])]
+    d = M.paired_differences(a, b)
+    assert d.tolist() == pytest.approx([0.2, 0.3, -0.1, 0.1, -0.1], abs=1e-12)
+    median, lo, hi = M.paired_median_difference(a, b, 500, seed=0, confidence=0.95)
+    # a replicate's differences lie between -0.1 and 0.4 (subject 1 drawing its second seed twice: 0.9 - 0.5)
+    assert median == pytest.approx(0.1, abs=1e-12) and -0.1 - 1e-12 <= lo <= median <= hi <= 0.4 + 1e-12
+    # a prompt that a seed could not score counts with the seeds that did; one no seed scored is left out
+    a = [f64([[float("nan"), 0.7, float("nan")], [0.8, 0.9, float("nan")]])]
+    assert M.paired_differences(a, [f64([[0.5, 0.5, 0.5]])]).tolist() == pytest.approx([0.3, 0.3], abs=1e-12)
+    # an even number of pairs: the mean of the two middle ones
+    even = [f64([[0.1, 0.2, 0.3, 0.4]])], [torch.zeros(1, 4)]
+    assert M.paired_median_difference(*even, 100, 0, 0.95)[0] == pytest.approx(0.25, abs=1e-12)
+    assert all(math.isnan(x) for x in M.paired_median_difference([], [], 100, 0, 0.95))
+
+
+def test_the_median_difference_interval_resamples_training_seeds():
+    """One subject, one prompt, two seeds of 0 and 1 against 0: a replicate draws the seeds {0, 0}, {0, 1} or {1, 1}
+    (probabilities 1/4, 1/2, 1/4), so its median difference is 0, 0.5 or 1."""
+    a, b = [f64([[0.0], [1.0]])], [f64([[0.0]])]
+    assert M.paired_median_difference(a, b, 4000, 0, 0.95) == (0.5, 0.0, 1.0)
+    assert M.paired_median_difference(a, b, 4000, 0, 0.4) == (0.5, 0.5, 0.5)  # quantiles 0.3 and 0.7 fall on 0.5
+    assert M.paired_median_difference([f64([[0.5]])], b, 4000, 0, 0.95) == (0.5, 0.5, 0.5)  # one seed
+
+
+def test_mean_over_seeds_draws_each_subjects_seeds():
+    from kps_bench.evaluate import mean_over_seeds
+
+    one = torch.rand(1, 300, dtype=torch.float64)
+    assert torch.equal(mean_over_seeds([one], 0)[0], one[0])  # one seed: the prompt resamples unchanged
+    two = torch.cat([torch.zeros(1, 4000), torch.ones(1, 4000)]).to(torch.float64)
+    out = mean_over_seeds([one[:, :1].expand(1, 4000), two], 0)
+    assert out.shape == (2, 4000) and set(out[1].tolist()) == {0.0, 0.5, 1.0}
+    assert [float((out[1] == v).double().mean()) for v in (0.0, 0.5, 1.0)] == pytest.approx([0.25, 0.5, 0.25],
+                                                                                           abs=0.03)
+    assert torch.equal(M.resampled_mean(two, 3), M.resampled_mean(two, 3))

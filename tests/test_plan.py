@@ -1,5 +1,6 @@
 """Planning flags: `run --dry-run` prints the plan and writes nothing; speed flags are recorded and keyed."""
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from kps_bench.cli import main
 from kps_bench.models import SpeedFlags
-from kps_bench.plan import plan_run
+from kps_bench.plan import Calibration, RunPlan, plan_run
 from kps_bench.protocol import load_protocol
 from kps_bench.run import RunOptions, run_benchmark
 
@@ -70,3 +71,16 @@ def test_speed_flags_are_recorded_and_keep_their_images_apart(tiny, tiny_protoco
         a = np.asarray(Image.open(tmp_path / "plain" / path), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "fast" / rows["fast"][k]), dtype=np.int16)
         assert np.abs(a - b).max() <= 1  # on a CPU, the same images
+
+
+def test_the_estimate_shares_the_batches_among_the_processes():
+    """Under a launcher the ranks are dealt the generation batches in turn: the estimate is the busiest rank's calls
+    (3 base and 3 adapter calls of up to 3 images: 2 + 2 on rank 0 of 2), and its share of the encoding."""
+    c = Calibration(batch=3, call_s=0.5, step_s=0.25, encode_s={"clip": 0.01, "dino": 0.03})
+    one = RunPlan({"base": 8, "adapter": 8}, {"base": 0, "adapter": 0}, {"clip": 20, "dino": 20}, 2, 6, c)
+    two = dataclasses.replace(one, world=2)
+    assert math.isclose(one.generate_s, 6 * (0.5 + 6 * 0.25)) and math.isclose(two.generate_s, 4 * (0.5 + 6 * 0.25))
+    assert math.isclose(one.encode_s, 20 * 0.04) and math.isclose(two.encode_s, 10 * 0.04)
+    assert "processes" not in one.text()
+    assert ("processes: 2, dealt the generation and encoder batches in turn" in two.text()
+            and "estimated time: 8.4 s (8.0 s generating, 0.4 s encoding" in two.text())

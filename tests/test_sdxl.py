@@ -170,3 +170,37 @@ def test_train_baseline_says_it_does_not_train_sdxl(tiny_xl, tmp_path, method):
     assert "is SDXL (StableDiffusionXLPipeline), and train-baseline does not train SDXL" in message
     assert "train Stable Diffusion 1.x/2.x pipelines" in message and "kps-bench run --adapter" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no adapter, no OUT.partial, no lock file left
+
+
+def test_the_declared_pipeline_class_is_read_without_loading(tiny_xl, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from kps_bench.family import declared_pipeline_class, family_of
+
+    assert declared_pipeline_class(str(tiny_xl / "sdxl" / "pipeline")) is StableDiffusionXLPipeline
+    assert declared_pipeline_class(str(tiny_xl / "pipeline")) is StableDiffusionPipeline
+    assert (family_of(StableDiffusionXLPipeline), family_of(StableDiffusionPipeline)) == (SDXL, SD)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{not json")
+    for where in (tmp_path / "odd", tmp_path / "broken", tmp_path, tmp_path / "missing", "no-org/not-cached-model"):
+        assert declared_pipeline_class(str(where)) is None, where  # loading the pipeline then says what is wrong
+
+
+def test_train_baseline_refuses_sdxl_before_loading_it(tiny_xl, tmp_path):
+    """A base folder with SDXL's model_index.json and no weights: the refusal comes from model_index.json alone
+    (loading it would fail with 'Cannot load the diffusers pipeline')."""
+    index_only = tiny_xl / "sdxl" / "index-only"
+    index_only.mkdir(exist_ok=True)
+    (index_only / "model_index.json").write_bytes((tiny_xl / "sdxl" / "pipeline" / "model_index.json").read_bytes())
+    protocol = tiny_xl / "tiny-sdxl-index-only.yaml"
+    text = (tiny_xl / "tiny-sdxl.yaml").read_text()
+    assert "base_model: sdxl/pipeline\n" in text
+    protocol.write_text(text.replace("base_model: sdxl/pipeline\n", "base_model: sdxl/index-only\n"))
+    r = cli("train-baseline", "lora", "--protocol", protocol, "--subject", "red-block", "--out", tmp_path / "adapter",
+            "--device", "cpu")
+    assert r.exit_code == 2, r.output
+    assert ("Base model 'sdxl/index-only' is SDXL (StableDiffusionXLPipeline), and train-baseline does not train "
+            "SDXL") in " ".join(r.output.split())
+    assert list(tmp_path.iterdir()) == []

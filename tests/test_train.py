@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from kps_bench.errors import UserError
+from kps_bench.generate import Plan
 from kps_bench.models import LORA_FILE, TI_FILE
-from kps_bench.protocol import load_protocol
+from kps_bench.protocol import class_image_seed, load_protocol
 from kps_bench.train import TrainingInterrupted, load_recipe, train
 from kps_bench.train.core import CHECKPOINT_FILE, LOG_FILE, TRAINING_JSON, logged_rows, partial_dir
 
@@ -57,13 +58,14 @@ def _batch(seed=0, n=2):
 
 def test_recipe_merge_order_and_hash(tmp_path, tiny_protocol):
     raw = yaml.safe_load(tiny_protocol.read_text())
-    raw["training"] = {"defaults": {"steps": 7, "resolution": 32}, "cat": {"learning_rate": 3e-3, "cat_weight": 0.5}}
+    raw["training"] = {"defaults": {"steps": 7, "resolution": 32, "captions": ["a {subject}"]},
+                       "cat": {"learning_rate": 3e-3, "cat_weight": 0.5}}
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(raw))
     prot = load_protocol(str(path))
     r, sources = load_recipe("cat", prot, ["cat_weight=0.25"])
     assert (r.rank, r.steps, r.resolution, r.learning_rate, r.cat_weight) == (1, 7, 32, 3e-3, 0.25)
-    assert sources[0].endswith("cat.yaml") and sources[-1] == "--set"
+    assert [Path(s).name for s in sources[:2]] == ["lora.yaml", "cat.yaml"] and sources[-1] == "--set"
     lora, _ = load_recipe("lora", prot)
     assert (lora.steps, lora.learning_rate) == (7, 1e-4) and "cat_weight" not in lora.to_dict()
     assert load_recipe("cat", prot, ["cat_weight=0.25"])[0].sha256 == r.sha256 != load_recipe("cat", prot)[0].sha256
@@ -83,11 +85,11 @@ def test_recipe_errors_name_the_field(sets, message):
 
 
 def test_baselines_cover_every_field():
-    from kps_bench.train.core import METHODS, allowed_fields, find_baseline
+    from kps_bench.train.core import METHODS, allowed_fields, recipe_file_layers
 
     for m in METHODS:
-        raw = yaml.safe_load(find_baseline(m).read_text())
-        assert set(allowed_fields(m)) - {"method"} <= set(raw), m
+        merged = {k: v for _, layer in recipe_file_layers(m) for k, v in layer.items()}
+        assert set(allowed_fields(m)) - {"method"} <= set(merged), m
 
 
 # ----------------------------------------------------------------------------- the CAT loss
@@ -146,6 +148,7 @@ def test_cat_with_zero_weight_trains_exactly_lora(tmp_path, protocol):
     t = json.loads((c / TRAINING_JSON).read_text())
     assert t["method"] == "cat" and t["subject"] == "red-block" and t["recipe"]["cat_weight"] == 1.0
     assert t["protocol_sha256"] == protocol.sha256 and len(t["recipe_sha256"]) == 64
+    assert t["allow_prompt_overlap"] is False and t["captions"] == ["a sks block"]
     assert t["seed"] == t["recipe"]["seed"] and "loss_preserve" in t["final_loss"]["last_step"]
     assert isinstance(t["duration_s"], float) and 0 <= t["duration_s"] < 600 and t["start_time"] <= t["end_time"]
     assert not partial_dir(c).exists()
@@ -238,6 +241,11 @@ def test_dreambooth_writes_a_pipeline_and_reuses_class_images(tmp_path, protocol
     a = train("dreambooth", protocol, "red-block", tmp_path / "db1", "cpu", sets)
     b = train("dreambooth", protocol, "red-block", tmp_path / "db2", "cpu", sets)
     assert a.training["class_images"]["generated_now"] == 3 and b.training["class_images"]["generated_now"] == 0
+    # the class prompt alone, never an evaluation prompt, with seeds that no evaluation image has
+    assert a.training["class_images"]["prompt"] == "a block" and a.training["recipe"]["class_prompt"] == "a {class_noun}"
+    assert a.training["class_images"]["seeds"] == [class_image_seed(a.training["seed"], k) for k in range(3)]
+    evaluation = {j.seed for j in Plan(protocol, list(protocol.subjects), {"spec": "x"}, None, "cpu").jobs()}
+    assert len(evaluation) == 4 and not evaluation & set(a.training["class_images"]["seeds"])
     assert "loss_prior" in a.training["final_loss"]["last_step"]
     info = resolve_adapter(str(a.out), "auto", False)
     assert info.kind == "pipeline" and info.training["method"] == "dreambooth"
@@ -332,6 +340,8 @@ def _cli():
     (["sculpt", "--subject", "red-block"], "'sculpt' is not one of 'cat', 'lora'"),
     (["lora", "--subject", "green-cone"], "Unknown subject 'green-cone'"),
     (["lora", "--subject", "red-block", "--set", "rank=zero"], "field 'rank' must be an integer"),
+    (["lora", "--subject", "red-block", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+    (["lora", "--subject", "red-block", "--seed", "five"], "Invalid value for '--seed': 'five' is not a valid integer"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_protocol, args, message):
     out = tmp_path / "out"
@@ -352,6 +362,26 @@ def test_cli_trains_and_reports(tmp_path, tiny_protocol):
     again = CliRunner().invoke(_cli(), ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject", "blue-ball",
                                         "--out", str(out), "--device", "cpu"])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_seed_overrides_the_recipe_and_names_the_default_folder(tmp_path, tiny_protocol, monkeypatch):
+    """--seed N beats the recipe and --set, is recorded, and the default --out of each seed differs."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train-baseline", "lora", "--protocol", str(tiny_protocol), "--subject", "red-block", "--device", "cpu",
+            *[a for s in FAST for a in ("--set", s)]]
+    r = CliRunner().invoke(_cli(), args + ["--seed", "5", "--set", "seed=3"])
+    assert r.exit_code == 0, r.output
+    seeded = tmp_path / "adapters" / "tiny" / "lora" / "red-block-seed5"
+    t = json.loads((seeded / TRAINING_JSON).read_text())
+    assert t["seed"] == t["recipe"]["seed"] == 5 and t["recipe_sources"][-2:] == ["--set", "--seed"]
+    assert "seed 5;" in r.output and f"--adapter {Path('adapters/tiny/lora/red-block-seed5')} --out runs/lora-red-block-seed5" in r.output
+    r = CliRunner().invoke(_cli(), args)
+    assert r.exit_code == 0, r.output
+    default = tmp_path / "adapters" / "tiny" / "lora" / "red-block"
+    t = json.loads((default / TRAINING_JSON).read_text())
+    assert t["seed"] == t["recipe"]["seed"] == 42 and t["recipe_sources"][-1] == "--set"  # baselines/lora.yaml's seed
+    ws, wd = _weights(seeded), _weights(default)
+    assert any(not torch.equal(ws[k], wd[k]) for k in ws)
 
 
 def test_missing_references(tmp_path, tiny_protocol):

@@ -14,9 +14,9 @@ __all__ = ["METHODS", "Recipe", "TrainResult", "TrainingInterrupted", "load_reci
 
 
 def train(method: str, protocol, subject: str, out: str | Path, device: str = "auto", overrides=(),
-          resume: bool = False, stop_after: int | None = None) -> TrainResult:
+          resume: bool = False, stop_after: int | None = None, seed: int | None = None) -> TrainResult:
     """Train ``method`` for ``subject`` holding the lock of ``out`` (one trainer per output); every input is validated
-    before anything is written."""
+    before anything is written. ``seed`` overrides the recipe's seed (``train-baseline --seed``)."""
     import importlib
 
     from ..errors import stop_when_disk_full
@@ -28,6 +28,6 @@ def train(method: str, protocol, subject: str, out: str | Path, device: str = "a
     check_writable(out)
     with (stop_when_disk_full(partial_dir(out), "re-run the same `kps-bench train-baseline` command with --resume"),
           exclusive(lock_beside(out), f"adapter output '{out}'")):
-        trainer = make_trainer(method, protocol, subject, out, device, overrides, resume, stop_after)
+        trainer = make_trainer(method, protocol, subject, out, device, overrides, resume, stop_after, seed)
         module = importlib.import_module(f".{method.replace('-', '_')}", __name__)
         return module.train(trainer)

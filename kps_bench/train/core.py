@@ -1,9 +1,10 @@
 """The training core shared by the four baseline trainers.
 
-Every trainer runs the same way: a *recipe* (``baselines/<method>.yaml``, then the protocol's
-``training:`` section, then ``--set`` overrides) fixes every hyperparameter; the subject's reference
-images are encoded by the frozen VAE once and cached; captions come from the protocol's prompt
-templates; every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
+Every trainer runs the same way: a *recipe* (``baselines/<method>.yaml`` after the recipes it
+inherits, then the protocol's ``training:`` sections, then ``--set`` and ``--seed``; see
+:func:`load_recipe`) fixes every hyperparameter; the subject's reference images are encoded by the
+frozen VAE once and cached; captions come from the recipe's templates, which must not be evaluation
+prompts; every random draw (reference image, caption, flip, crop, latent sample, noise, timestep)
 comes from one seeded CPU ``torch.Generator`` whose state is checkpointed, so ``--resume`` continues
 exactly where an interrupted run stopped. Training writes into ``OUT.partial`` and renames it to
 ``OUT`` only when it finished, so a failed run never leaves a half-written adapter behind.
@@ -23,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from ..config import RECIPES, apply_sets, coerce, list_files, read_mapping, resolve_inherit, search_dirs
 from ..errors import UserError
-from ..protocol import Protocol, Subject, canonical_json, expand_prompt, shipped_dir
+from ..protocol import Protocol, Subject, canonical_json, expand_prompt
 
 METHODS = ("cat", "lora", "dreambooth", "textual-inversion")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -66,7 +66,7 @@ class Recipe:
     resolution: int = 512
     random_flip: bool = True
     crop_margin: float = 0.125  # random crop: the image is encoded at (1 + margin) x resolution and cropped in latent space
-    captions: tuple = ()  # caption templates with {subject}; empty = the protocol's prompts
+    captions: tuple[str, ...] = ()  # caption templates with {subject}; empty = the protocol's prompts
     # probability that a training sample gets the empty prompt (the unconditional branch that
     # classifier-free guidance subtracts), so the adapter moves it consistently with the captioned one
     caption_dropout: float = 0.0
@@ -74,11 +74,12 @@ class Recipe:
     rank: int = 1
     alpha: float = 1.0
     # peft target_modules (module-name suffixes); default: the UNet attention projections, as diffusers' scripts
-    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     cat_weight: float = 1.0
     # dreambooth
     prior_loss_weight: float = 1.0
     num_class_images: int = 200
+    class_prompt: str = "a {class_noun}"  # the prompt of the class images and their prior-preservation caption
     class_sample_steps: int = 50
     class_guidance_scale: float = 7.5
     train_text_encoder: bool = False
@@ -98,122 +99,114 @@ class Recipe:
 
 _METHOD_ONLY = {
     "rank": ("lora", "cat"), "alpha": ("lora", "cat"), "target_modules": ("lora", "cat"), "cat_weight": ("cat",),
-    "prior_loss_weight": ("dreambooth",), "num_class_images": ("dreambooth",), "class_sample_steps": ("dreambooth",),
-    "class_guidance_scale": ("dreambooth",), "train_text_encoder": ("dreambooth",),
-    "num_vectors": ("textual-inversion",),
+    "prior_loss_weight": ("dreambooth",), "num_class_images": ("dreambooth",), "class_prompt": ("dreambooth",),
+    "class_sample_steps": ("dreambooth",), "class_guidance_scale": ("dreambooth",),
+    "train_text_encoder": ("dreambooth",), "num_vectors": ("textual-inversion",),
 }
+_SET_EXAMPLE = "--set steps=200, --set cat_weight=0.5 or --set \"captions.0=a photo of a {subject}\""
 
 
 def allowed_fields(method: str) -> list[str]:
     return [f.name for f in dataclasses.fields(Recipe) if method in _METHOD_ONLY.get(f.name, (method,))]
 
 
-def baseline_dirs() -> list[Path]:
-    """Where recipes are looked up: $KPS_BENCH_BASELINES, ./baselines, the recipes shipped with kps-bench."""
-    dirs = []
-    if os.environ.get("KPS_BENCH_BASELINES"):
-        dirs += [Path(p) for p in os.environ["KPS_BENCH_BASELINES"].split(os.pathsep) if p]
-    dirs += [Path.cwd() / "baselines", shipped_dir("kps_bench.baselines")]
-    return [d for d in dirs if d.is_dir()]
-
-
-def find_baseline(method: str) -> Path:
+def recipe_file_layers(method: str) -> list[tuple[str, dict]]:
+    """The recipe file of ``method`` (``baselines/METHOD.yaml``, see :data:`kps_bench.config.RECIPES`) and the
+    files it inherits, root first, as (file, mapping)."""
     if method not in METHODS:
         raise UserError(f"Unknown training method '{method}'. Known methods: {', '.join(METHODS)}.")
-    for d in baseline_dirs():
-        if (d / f"{method}.yaml").is_file():
-            return d / f"{method}.yaml"
-    raise UserError(f"No recipe for '{method}': baselines/{method}.yaml was not found in "
-                    f"{', '.join(map(str, baseline_dirs())) or './baselines'} (set $KPS_BENCH_BASELINES).")
+
+    def lookup(name: str) -> tuple[str, dict] | None:
+        known = list_files(RECIPES)
+        return (str(known[name]), read_mapping(known[name], RECIPES)) if name in known else None
+
+    first = lookup(method)
+    if first is None:
+        raise UserError(f"No recipe for '{method}': {method}.yaml is in none of "
+                        f"{', '.join(map(str, search_dirs(RECIPES))) or './baselines'} (add a folder with "
+                        f"${RECIPES.env}).")
+    return _one_method(resolve_inherit(first, lookup, sorted(list_files(RECIPES)), "recipe"), method)
 
 
-def _read_yaml_mapping(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"Cannot read recipe file '{path}': {e.strerror}.") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"Recipe file '{path}' is not valid YAML: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"Recipe file '{path}' must hold a mapping of hyperparameters, got {type(raw).__name__}.")
-    return raw
+def protocol_layers(protocol: Protocol, method: str) -> list[tuple[str, dict]]:
+    """The protocol's ``training.defaults`` and ``training.METHOD`` sections, the latter after the sections it
+    inherits (``inherit: lora``), as (where, mapping)."""
+    where = f"protocol '{protocol.name}' training"
+    training = {k: v or {} for k, v in protocol.training.items()}
+    unknown = sorted(set(training) - {"defaults", *METHODS})
+    if unknown:
+        raise UserError(f"{where}: unknown section '{unknown[0]}'; expected 'defaults' or a method "
+                        f"({', '.join(METHODS)}).")
+    for section, part in training.items():
+        if not isinstance(part, dict):
+            raise UserError(f"{where}.{section}: must be a mapping of recipe fields, got {type(part).__name__}.")
+    if "inherit" in training.get("defaults", {}):
+        raise UserError(f"{where}.defaults: field 'inherit' belongs in a method section (e.g. training.cat: "
+                        f"{{inherit: lora}}); the defaults apply to every method already.")
+    layers = [(f"{where}.defaults", training["defaults"])] if "defaults" in training else []
+    if method in training:
+        def lookup(name: str) -> tuple[str, dict] | None:
+            return (f"{where}.{name}", training[name]) if name in METHODS and name in training else None
+
+        known = [m for m in METHODS if m in training]
+        layers += _one_method(resolve_inherit((f"{where}.{method}", training[method]), lookup, known,
+                                              "method section of 'training'"), method)
+    return layers
 
 
-def parse_overrides(items) -> dict:
-    """``--set key=value`` pairs (value parsed as YAML) as a dict."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set '{item}' must look like key=value, e.g. --set steps=200 or --set cat_weight=0.5.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+def _one_method(chain: list[tuple[str, dict]], method: str) -> list[tuple[str, dict]]:
+    """``chain`` without its ``method`` fields, after checking that the last one given (an inheriting layer's
+    overrides its parent's) is ``method``."""
+    named = [(where, layer["method"]) for where, layer in chain if "method" in layer]
+    if named:
+        _check_field("method", named[-1][1], method, named[-1][0])
+    return [(where, {k: v for k, v in layer.items() if k != "method"}) for where, layer in chain]
 
 
-def _check_value(name: str, value, default, where: str):
-    t = type(default)
-    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise UserError(f"{where}: field '{name}' must be a finite number, got {value!r}.")
-        return float(value)
-    if t is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{where}: field '{name}' must be a list of strings, got {value!r}.")
-        return tuple(value)
-    if isinstance(value, str) and t is float:  # YAML reads 1e-4 (no dot) as a string
-        try:
-            return _check_value(name, float(value), default, where)
-        except ValueError:
-            pass
-    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
-        raise UserError(f"{where}: field '{name}' must be {kind}, got {value!r} ({type(value).__name__}).")
-    return value
-
-
-def load_recipe(method: str, protocol: Protocol | None = None, overrides=(), baseline: Path | None = None) -> tuple[Recipe, list[str]]:
-    """The effective recipe and where its values came from (merge: baseline file, protocol, ``--set``)."""
-    path = baseline or find_baseline(method)
-    layers = [(str(path), _read_yaml_mapping(path))]
-    if protocol is not None and protocol.training:
-        where = f"protocol '{protocol.name}' training"
-        for section in ("defaults", method):
-            part = protocol.training.get(section)
-            if part is None:
-                continue
-            if not isinstance(part, dict):
-                raise UserError(f"{where}.{section}: must be a mapping of recipe fields, got {type(part).__name__}.")
-            layers.append((f"{where}.{section}", part))
-        unknown = sorted(set(protocol.training) - {"defaults", *METHODS})
-        if unknown:
-            raise UserError(f"{where}: unknown section '{unknown[0]}'; expected 'defaults' or a method "
-                            f"({', '.join(METHODS)}).")
-    if isinstance(overrides, dict):
-        layers.append(("--set", overrides))
-    elif overrides:
-        layers.append(("--set", parse_overrides(overrides)))
-    allowed = allowed_fields(method)
-    defaults = Recipe(method=method)
+def load_recipe(method: str, protocol: Protocol | None = None, overrides=(),
+                seed: int | None = None) -> tuple[Recipe, list[str]]:
+    """The effective recipe and where its values came from, in merge order: the recipe file after the files it
+    inherits, the protocol's ``training.defaults``, its ``training.METHOD`` after the sections that inherits, the
+    ``--set`` overrides, then ``seed`` (``train-baseline --seed``). With a protocol, its training captions must not be
+    evaluation prompts (:func:`check_prompt_overlap`)."""
+    layers = recipe_file_layers(method) + (protocol_layers(protocol, method) if protocol is not None else [])
     values: dict = {}
+    origin: dict[str, str] = {}
     for where, layer in layers:
         for name, value in layer.items():
-            if name == "method":
-                if value != method:
-                    raise UserError(f"{where}: field 'method' is '{value}' but this is the '{method}' recipe.")
-                continue
-            if name not in allowed:
-                hint = (f" ('{name}' is only used by {', '.join(_METHOD_ONLY[name])})" if name in _METHOD_ONLY else "")
-                raise UserError(f"{where}: unknown field '{name}' for method '{method}'{hint}. Allowed fields: "
-                                f"{', '.join(a for a in allowed if a != 'method')}.")
-            values[name] = _check_value(name, value, getattr(defaults, name), where)
-    recipe = Recipe(method=method, **values)
-    validate_recipe(recipe, " <- ".join(w for w, _ in reversed(layers)))
-    return recipe, [w for w, _ in layers]
+            _check_field(name, value, method, where)
+            values[name], origin[name] = value, where
+    sources = [w for w, _ in layers]
+    if overrides:
+        merged = apply_sets(values, overrides, "the recipe", _SET_EXAMPLE)
+        for name, value in merged.items():
+            if name not in values or value != values[name]:
+                _check_field(name, value, method, "--set")
+                values[name], origin[name] = value, "--set"
+        sources.append("--set")
+    if seed is not None:
+        values["seed"], origin["seed"] = seed, "--seed"
+        sources.append("--seed")
+    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(method=method, **{name: coerce(v, types[name], name, origin[name]) for name, v in values.items()
+                                      if name != "method"})
+    validate_recipe(recipe, " <- ".join(reversed(sources)))
+    if protocol is not None:
+        check_prompt_overlap(protocol, recipe, origin.get("captions", "the recipe's default"))
+    return recipe, sources
+
+
+def _check_field(name: str, value, method: str, where: str) -> None:
+    """A field a layer gives must be one of ``method``'s (``method`` itself only with this method's name)."""
+    if name == "method":
+        if value != method:
+            raise UserError(f"{where}: field 'method' is '{value}' but this is the '{method}' recipe.")
+        return
+    if name not in allowed_fields(method):
+        hint = f" ('{name}' is only used by {', '.join(_METHOD_ONLY[name])})" if name in _METHOD_ONLY else ""
+        note = " ('inherit' is read in recipe files and method sections only)" if name == "inherit" else ""
+        raise UserError(f"{where}: unknown field '{name}' for method '{method}'{hint}{note}. Allowed fields: "
+                        f"{', '.join(a for a in allowed_fields(method) if a != 'method')}.")
 
 
 def validate_recipe(r: Recipe, where: str) -> None:
@@ -224,6 +217,7 @@ def validate_recipe(r: Recipe, where: str) -> None:
     for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "rank",
                  "num_class_images", "class_sample_steps", "num_vectors"):
         req(getattr(r, name) >= 1, name, "an integer >= 1")
+    req(r.seed >= 0, "seed", "an integer >= 0")
     req(r.learning_rate > 0, "learning_rate", "a number > 0")
     req(r.lr_scheduler in LR_SCHEDULES, "lr_scheduler", f"one of {', '.join(LR_SCHEDULES)}")
     req(r.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
@@ -235,9 +229,52 @@ def validate_recipe(r: Recipe, where: str) -> None:
     req(r.cat_weight >= 0, "cat_weight", "a number >= 0")
     req(r.prior_loss_weight >= 0, "prior_loss_weight", "a number >= 0")
     req(r.alpha > 0, "alpha", "a number > 0")
+    req("{class_noun}" in r.class_prompt, "class_prompt", "a template containing '{class_noun}', e.g. \"a {class_noun}\"")
     for i, c in enumerate(r.captions):
         if "{subject}" not in c:
             raise UserError(f"recipe ({where}): field 'captions' item {i} must contain '{{subject}}', got {c!r}.")
+
+
+def training_prompts(protocol: Protocol, subject: Subject, recipe: Recipe) -> dict[str, tuple[str, str]]:
+    """Every prompt ``recipe`` trains ``subject`` on -> (its template, the recipe field it comes from): the captions
+    with and without the trigger, and DreamBooth's class prompt."""
+    out = {}
+    for t in caption_templates(protocol, subject, recipe):
+        for trigger in (True, False):
+            out.setdefault(expand_prompt(t, subject, trigger), (t, "captions"))
+    if recipe.method == "dreambooth":
+        out.setdefault(expand_prompt(recipe.class_prompt, subject, False), (recipe.class_prompt, "class_prompt"))
+    return out
+
+
+def check_prompt_overlap(protocol: Protocol, recipe: Recipe, captions_from: str) -> None:
+    """Refuse a recipe that trains a subject of ``protocol`` on one of that subject's evaluation prompts (with or
+    without the trigger, each side expanded by :func:`expand_prompt`), unless the protocol says
+    ``allow_prompt_overlap: true``. ``captions_from`` names the layer that set the recipe's captions."""
+    if protocol.allow_prompt_overlap:
+        return
+    found = []
+    for s in protocol.subjects:
+        trained = training_prompts(protocol, s, recipe)
+        field_name = f"prompt_sets.{s.prompt_set}" if s.prompt_set else "prompts"
+        for i, p in enumerate(protocol.prompts_for(s)):
+            for text in dict.fromkeys(expand_prompt(p, s, trigger) for trigger in (True, False)):
+                if text in trained:
+                    found.append((*trained[text], f"{field_name}.{i}", p, s.name, text))
+    if not found:
+        return
+    template, recipe_field, field_name, prompt, subject, text = found[0]
+    source = (f"field 'class_prompt' of the {recipe.method} recipe" if recipe_field == "class_prompt" else
+              f"field 'captions', set by {captions_from}" if recipe.captions else
+              f"the protocol's prompts, which an empty 'captions' ({captions_from}) trains on")
+    more = f" ({len(found) - 1} more overlap{'s' if len(found) > 2 else ''} like it)" if len(found) > 1 else ""
+    raise UserError(f"{protocol.file or 'protocol ' + repr(protocol.name)}: the {recipe.method} training prompt "
+                    f"'{template}' (from {source}) equals the evaluation prompt '{prompt}' (field '{field_name}') for "
+                    f"subject '{subject}': both give '{text}'{more}. Training on evaluation prompts leaks the "
+                    f"evaluation into training. Expected training captions disjoint from the evaluation prompts: set "
+                    f"training.defaults.captions (or --set captions=[...]) to templates that are not evaluation "
+                    f"prompts, such as \"a photo of a {{subject}}\" where that is not one; or set "
+                    f"allow_prompt_overlap: true in the protocol to accept the overlap (recorded in provenance).")
 
 
 # ----------------------------------------------------------------------------- data
@@ -275,8 +312,14 @@ def expand_captions(templates: list[str], subject: Subject, trigger: bool, dropo
     return [expand_prompt(t, subject, trigger) for t in templates] + ([""] if dropout else [])
 
 
+def caption_templates(protocol: Protocol, subject: Subject, recipe: Recipe) -> list[str]:
+    """The recipe's caption templates, or the subject's evaluation prompts when it has none (refused by
+    :func:`check_prompt_overlap` unless the protocol allows the overlap)."""
+    return list(recipe.captions) or list(protocol.prompts_for(subject))
+
+
 def build_captions(protocol: Protocol, subject: Subject, recipe: Recipe) -> Captions:
-    templates, dropout = list(recipe.captions) or list(protocol.prompts_for(subject)), recipe.caption_dropout > 0
+    templates, dropout = caption_templates(protocol, subject, recipe), recipe.caption_dropout > 0
     return Captions(templates, dropout, expand_captions(templates, subject, True, dropout),
                     expand_captions(templates, subject, False, dropout))
 
@@ -385,7 +428,6 @@ class Trainer:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
-        from ..family import SDXL, base_family
         from ..models import load_pipeline, resolve_device
         from ..provenance import now_iso
         from ..run import reference_images
@@ -404,14 +446,7 @@ class Trainer:
         resolved = self.protocol.resolve(self.protocol.base_model, "pipeline")
         loaded = load_pipeline(self.protocol.base_model, resolved, "cpu", "float32", self.protocol.generation.scheduler)
         self.pipe, self.base_identity = loaded.pipe, loaded.identity
-        family = base_family(self.pipe)
-        if family.name == SDXL:
-            raise UserError(f"Base model '{self.protocol.base_model}' is SDXL ({family.pipeline_class}), and "
-                            f"train-baseline does not train SDXL: its trainers ({', '.join(METHODS)}) train Stable "
-                            f"Diffusion 1.x/2.x pipelines (UNet, VAE, one CLIP text encoder). Train SDXL adapters "
-                            f"with another tool (e.g. diffusers' train_dreambooth_lora_sdxl.py) and evaluate them with "
-                            f"`kps-bench run --adapter`, which loads SDXL LoRAs, two-encoder textual inversions and "
-                            f"fine-tuned SDXL pipelines; or train on an SD 1.x/2.x base (the protocol's base_model).")
+        refuse_sdxl(self.protocol, type(self.pipe))  # a base that declared no class make_trainer could read
         for name in ("unet", "vae", "text_encoder", "tokenizer"):
             if getattr(self.pipe, name, None) is None:
                 raise UserError(f"Base model '{self.protocol.base_model}' has no '{name}': train-baseline supports "
@@ -716,6 +751,7 @@ class Trainer:
             "base_model": self.base_identity,
             "recipe": self.recipe.to_dict(), "recipe_sha256": self.recipe.sha256, "recipe_sources": self.recipe_sources,
             "seed": self.recipe.seed, "steps": self.recipe.steps,
+            "allow_prompt_overlap": self.protocol.allow_prompt_overlap,
             "captions": self.captions.with_trigger if self.captions else [],
             "final_loss": self.final_losses,
             "duration_s": round(time.perf_counter() - self.t0, 2),
@@ -774,17 +810,33 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def refuse_sdxl(protocol: Protocol, pipeline_class: type | None) -> None:
+    """Stop with a UserError when the base's pipeline class (None: not known) is SDXL, which no trainer trains."""
+    from ..family import SDXL, family_of
+
+    if pipeline_class is not None and family_of(pipeline_class) == SDXL:
+        raise UserError(f"Base model '{protocol.base_model}' is SDXL ({pipeline_class.__name__}), and train-baseline "
+                        f"does not train SDXL: its trainers ({', '.join(METHODS)}) train Stable Diffusion 1.x/2.x "
+                        f"pipelines (UNet, VAE, one CLIP text encoder). Train SDXL adapters with another tool (e.g. "
+                        f"diffusers' train_dreambooth_lora_sdxl.py) and evaluate them with `kps-bench run --adapter`, "
+                        f"which loads SDXL LoRAs, two-encoder textual inversions and fine-tuned SDXL pipelines; or "
+                        f"train on an SD 1.x/2.x base (the protocol's base_model).")
+
+
 def make_trainer(method: str, protocol: Protocol, subject_name: str, out, device: str = "auto", overrides=(),
-                 resume: bool = False, stop_after: int | None = None) -> Trainer:
-    """Validate every input (method, subject, references, recipe, output folder) before anything is written; the
-    caller has checked that ``out`` can be written and holds its lock."""
+                 resume: bool = False, stop_after: int | None = None, seed: int | None = None) -> Trainer:
+    """Validate every input (method, base model family, subject, references, recipe, output folder) before anything
+    is written or loaded; the caller has checked that ``out`` can be written and holds its lock. ``seed`` overrides
+    the recipe's."""
+    from ..family import declared_pipeline_class
     from ..run import reference_images
 
     if method not in METHODS:
         raise UserError(f"Unknown training method '{method}'. Known methods: {', '.join(METHODS)}.")
+    refuse_sdxl(protocol, declared_pipeline_class(protocol.resolve(protocol.base_model, "pipeline")))
     subject = protocol.subject(subject_name)
     reference_images(protocol, subject)
-    recipe, sources = load_recipe(method, protocol, overrides)
+    recipe, sources = load_recipe(method, protocol, overrides, seed)
     out = Path(out).expanduser()
     work = partial_dir(out)
     if out.exists():

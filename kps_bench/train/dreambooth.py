@@ -1,10 +1,12 @@
 """``dreambooth``: full fine-tuning of the UNet (and, by recipe, the text encoder) with prior preservation.
 
 Follows diffusers' ``examples/dreambooth/train_dreambooth.py`` (Ruiz et al. 2023): class images are
-generated once by the base model from the trigger-free prompts with fixed seeds and cached (a
-content-addressed folder under ``$KPS_BENCH_CACHE``, default ``~/.cache/kps-bench/class-images``, so
-every run of the same base and recipe reuses them); each step runs instance and class samples as
-one batch and the loss is ``instance loss + prior_loss_weight * class loss``. Output: a diffusers
+generated once by the base model from the recipe's ``class_prompt`` (``"a {class_noun}"``, never an
+evaluation prompt), with seeds from :func:`~kps_bench.protocol.class_image_seed` (in [2**63, 2**64),
+so never an evaluation seed), and cached (a content-addressed folder under ``$KPS_BENCH_CACHE``,
+default ``~/.cache/kps-bench/class-images``, so every run of the same base and recipe reuses them);
+each step runs instance and class samples as one batch, the class samples captioned with the class
+prompt, and the loss is ``instance loss + prior_loss_weight * class loss``. Output: a diffusers
 pipeline folder (``kps-bench run --adapter OUT`` detects it).
 """
 
@@ -24,23 +26,23 @@ def class_image_dir() -> Path:
     return default_cache_dir() / "class-images"
 
 
-def class_images(trainer: Trainer) -> tuple[list[Path], list[int]]:
-    """Make (or find) ``num_class_images`` base-model images of the trigger-free captions; image k uses caption k mod n."""
+def class_images(trainer: Trainer) -> tuple[list[Path], str]:
+    """Make (or find) ``num_class_images`` base-model images of the class prompt; image k has seed
+    ``class_image_seed(seed, k)``. Returns their files and the prompt."""
     from ..generate import Job, cache_key, generate, oom_guard
-    from ..protocol import derive_seed
+    from ..protocol import class_image_seed, expand_prompt
     from ..ui import progress
 
-    r, captions = trainer.recipe, trainer.captions
+    r = trainer.recipe
+    prompt = expand_prompt(r.class_prompt, trainer.subject, with_trigger=False)
     gen = dataclasses.replace(trainer.protocol.generation, steps=r.class_sample_steps,
                               guidance_scale=r.class_guidance_scale, resolution=r.resolution)
     device = trainer.accelerator.device
     jobs = []
     for k in range(r.num_class_images):
-        p = k % len(captions.templates)
-        prompt = captions.without_trigger[p]
-        seed = derive_seed(r.seed, p, k)
+        seed = class_image_seed(r.seed, k)
         key = cache_key(trainer.base_identity, None, prompt, seed, gen, device.type)
-        jobs.append(Job(key, "base", trainer.subject.name, prompt, prompt, False, seed, p, k))
+        jobs.append(Job(key, "base", trainer.subject.name, prompt, prompt, False, seed, 0, k))
     folder = class_image_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if trainer.accelerator.is_main_process:
@@ -54,9 +56,10 @@ def class_images(trainer: Trainer) -> tuple[list[Path], list[int]]:
             generate(pipe, todo, gen, folder, batch, advance)
         pipe.to("cpu")
     trainer.accelerator.wait_for_everyone()
-    trainer.extra["class_images"] = {"count": len(jobs), "folder": str(folder), "generated_now": len(todo),
+    trainer.extra["class_images"] = {"count": len(jobs), "prompt": prompt, "seeds": [j.seed for j in jobs],
+                                     "folder": str(folder), "generated_now": len(todo),
                                      "sample_steps": gen.steps, "guidance_scale": gen.guidance_scale}
-    return [folder / j.filename for j in jobs], [j.prompt_index for j in jobs]
+    return [folder / j.filename for j in jobs], prompt
 
 
 def train(trainer: Trainer):
@@ -66,7 +69,7 @@ def train(trainer: Trainer):
     trainer.setup()
     r = trainer.recipe
     with work_folder(trainer):
-        paths, class_captions = class_images(trainer)
+        paths, class_prompt = class_images(trainer)
         class_latents = trainer.encode_latents(load_reference_pixels(paths, trainer.latents.size * trainer.vae_factor))
         unet, te = trainer.pipe.unet, trainer.pipe.text_encoder
         unet.to(trainer.device)
@@ -86,9 +89,11 @@ def train(trainer: Trainer):
         else:
             to_device(te, trainer.device, trainer.weight_dtype)
             emb = torch.cat([trainer.encode_prompts(trainer.captions.with_trigger),
-                             trainer.encode_prompts(trainer.captions.without_trigger)]).float()
+                             trainer.encode_prompts([class_prompt])]).float()
             te.to("cpu")
-        n = len(trainer.captions.with_trigger)  # class captions follow the instance captions in `emb`
+        prompts = trainer.captions.with_trigger + [class_prompt]  # the class prompt follows the instance captions
+        class_captions = [0] * len(paths)  # every class image has the class prompt (and no caption draw)
+        n = len(trainer.captions.with_trigger)
 
         # ---- loss: instance loss + prior_loss_weight * class loss, one forward pass for both halves
         def compute_loss(model, batch):
@@ -96,8 +101,7 @@ def train(trainer: Trainer):
             cls = trainer.sample_batch(cache=class_latents, image_captions=class_captions)
             idx = list(batch.caption_index) + [n + c for c in cls.caption_index]
             if r.train_text_encoder:
-                states = trainer.encode_prompts([(trainer.captions.with_trigger + trainer.captions.without_trigger)[i]
-                                                 for i in idx], text_encoder=model[1])
+                states = trainer.encode_prompts([prompts[i] for i in idx], text_encoder=model[1])
             else:
                 states = emb[idx]
             pred = m_unet(torch.cat([batch.noisy, cls.noisy]), torch.cat([batch.timesteps, cls.timesteps]),

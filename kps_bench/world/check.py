@@ -30,6 +30,9 @@ DINO_SLOT_GATES = {"colour": 0.90, "pattern": 0.85, "background": 0.90, "size": 
 CEILING_SIGNATURE, CEILING_IDENTITY_GAP = 0.95, 0.12
 COLOUR_SHIFT = 0.15  # fraction of the way to another colour, for the probe's shifted-colour gate
 ADAPTER_SIGNATURE, ADAPTER_SHAPE = 0.80, 0.80
+# Training seeds over which the DreamBooth and LoRA signature gates average: one recipe's single-seed rate on
+# one subject ranged 0.64-0.98 over seeds 0-2 (DreamBooth, purple-circle), so one seed measures luck.
+SIGNATURE_SEEDS = (0, 1, 2)
 LEAK_STEPS_FACTOR, LEAK_IMAGES, LEAK_MIN_DIFFERENCE = 3, 64, 0.10
 
 
@@ -288,7 +291,8 @@ def world_protocol(world: Path, protocol: str = "shapes-world"):
 
 def check_adapters(world: Path, out: Path, gates: Gates) -> dict:
     """The adapter gates: every method trained with the shipped recipes on every evaluation subject and run
-    through the protocol (``kps-bench demo`` into ``out``), and a LoRA trained for 3x the steps for leakage."""
+    through the protocol (``kps-bench demo`` into ``out``; DreamBooth and LoRA also with the other
+    ``SIGNATURE_SEEDS``, into ``out/seed-N``), and a LoRA trained for 3x the steps for leakage."""
     from kps_bench.demo import DemoOptions, run_demo
     from kps_bench.leaderboard import load_run
 
@@ -310,9 +314,22 @@ def check_adapters(world: Path, out: Path, gates: Gates) -> dict:
                 "identity_ci": [ident["ci_low"], ident["ci_high"]], "base_identity": bident["value"],
                 "base_identity_ci": [bident["ci_low"], bident["ci_high"]],
                 "identity_margin": ident["ci_low"] - bident["ci_high"]}
-    for method in ("dreambooth", "lora"):
-        gates.add(f"adapters: {method} trigger images show the signature (min over evaluation subjects)",
-                  min(v["signature"] for v in per[method].values()), ADAPTER_SIGNATURE, n_img=len(subjects))
+    signature_methods = ("dreambooth", "lora")
+    for seed in SIGNATURE_SEEDS[1:]:
+        extra = run_demo(DemoOptions(out=out / f"seed-{seed}", methods=signature_methods, subjects=subjects,
+                                     protocol_overrides=sets, train_overrides=(f"seed={seed}",), device="cpu"))
+        for run in map(load_run, extra.runs):
+            for name, gt in run.results["ground_truth"]["subjects"].items():
+                if run.method != "base":
+                    per[run.method][name].setdefault("signature_per_seed", {})[seed] = gt["true_identity"]
+    for method in signature_methods:
+        for v in per[method].values():
+            v["signature_per_seed"] = {SIGNATURE_SEEDS[0]: v["signature"], **v.get("signature_per_seed", {})}
+            v["signature_seed_mean"] = float(np.mean(list(v["signature_per_seed"].values())))
+        gates.add(f"adapters: {method} trigger images show the signature (mean over training seeds "
+                  f"{', '.join(map(str, SIGNATURE_SEEDS))}; min over evaluation subjects)",
+                  min(v["signature_seed_mean"] for v in per[method].values()), ADAPTER_SIGNATURE,
+                  n_img=len(subjects))
         gates.add(f"adapters: {method} identity CI above the base's (min of CI low - base CI high)",
                   min(v["identity_margin"] for v in per[method].values()), 0.0, op=">", n_img=len(subjects))
     for method in sorted(per):
