@@ -341,9 +341,7 @@ def truth_values(gt: dict) -> dict[str, float]:
         return float(x) if isinstance(x, (int, float)) else math.nan
 
     identity, preservation = num("true_identity"), 1.0 - num("true_knowledge_shift")
-    return {"gt_identity": identity, "gt_preservation": preservation,
-            "gt_kps": harmonic_mean(identity, preservation) if identity == identity and preservation == preservation
-            else math.nan,
+    return {"gt_identity": identity, "gt_preservation": preservation, "gt_kps": harmonic_mean(identity, preservation),
             "gt_diversity_ratio": num("true_diversity_ratio"), "gt_trigger_shape_rate": num("trigger_shape_rate")}
 
 
@@ -381,41 +379,42 @@ def read_adapter(name: str, method: str, overrides: tuple[str, ...], run_dirs: l
 # ----------------------------------------------------------------------------- statistics
 
 
-def correlate(x: list[float], y: list[float], resamples: int, seed: int,
-              confidence: float) -> tuple[float, float, float, int]:
-    """Spearman's rho of ``x`` and ``y`` (one value per adapter; pairs with a NaN left out), its percentile bootstrap
-    interval (adapters drawn by :func:`kps_bench.metrics.resample_indices` with ``seed``) and the number of pairs:
-    ``(rho, low, high, n)``."""
+def bootstrap_over_adapters(stat, columns: list[list[float]], resamples: int, seed: int,
+                            confidence: float) -> tuple[float, float, float, int]:
+    """``stat`` of ``columns`` (each one value per adapter) over the adapters where every column is defined, its
+    percentile bootstrap interval (adapters drawn by :func:`kps_bench.metrics.resample_indices` with ``seed``, the
+    same draws for every column) and the number of adapters used: ``(value, low, high, n)``; NaN below 2 adapters.
+    ``stat`` maps the columns ``[..., n]`` to ``[...]``."""
     import torch
 
     from . import metrics as M
 
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    keep = ~(torch.isnan(xt) | torch.isnan(yt))
-    xt, yt, n = xt[keep], yt[keep], int(keep.sum())
+    t = torch.tensor(columns, dtype=torch.float64)
+    t = t[:, ~torch.isnan(t).any(0)]
+    n = t.shape[1]
     if n < 2:
         return math.nan, math.nan, math.nan, n
-    idx = M.resample_indices(n, resamples, seed)
-    lo, hi = M.percentile_interval(M.spearman(xt[idx], yt[idx]), confidence)
-    return float(M.spearman(xt, yt)), lo, hi, n
+    lo, hi = M.percentile_interval(stat(*t[:, M.resample_indices(n, resamples, seed)]), confidence)
+    return float(stat(*t)), lo, hi, n
+
+
+def correlate(x: list[float], y: list[float], resamples: int, seed: int,
+              confidence: float) -> tuple[float, float, float, int]:
+    """Spearman's rho of ``x`` and ``y`` (one value per adapter) with its bootstrap interval over adapters:
+    ``(rho, low, high, n)`` (see :func:`bootstrap_over_adapters`)."""
+    from .metrics import spearman
+
+    return bootstrap_over_adapters(spearman, [x, y], resamples, seed, confidence)
 
 
 def rho_difference(a: list[float], b: list[float], truth: list[float], resamples: int, seed: int,
                    confidence: float) -> tuple[float, float, float, int]:
-    """rho(b, truth) - rho(a, truth) over the adapters where all three are defined, with its paired percentile
-    bootstrap interval (both rhos from the same draws): ``(difference, low, high, n)``."""
-    import torch
+    """rho(b, truth) - rho(a, truth) over the adapters where all three are defined, with its paired bootstrap
+    interval (both rhos from the same draws): ``(difference, low, high, n)``."""
+    from .metrics import spearman
 
-    from . import metrics as M
-
-    at, bt, tt = (torch.tensor(v, dtype=torch.float64) for v in (a, b, truth))
-    keep = ~(torch.isnan(at) | torch.isnan(bt) | torch.isnan(tt))
-    at, bt, tt, n = at[keep], bt[keep], tt[keep], int(keep.sum())
-    if n < 2:
-        return math.nan, math.nan, math.nan, n
-    idx = M.resample_indices(n, resamples, seed)
-    lo, hi = M.percentile_interval(M.spearman(bt[idx], tt[idx]) - M.spearman(at[idx], tt[idx]), confidence)
-    return float(M.spearman(bt, tt) - M.spearman(at, tt)), lo, hi, n
+    return bootstrap_over_adapters(lambda a, b, t: spearman(b, t) - spearman(a, t), [a, b, truth], resamples, seed,
+                                   confidence)
 
 
 def primary_score(rho: dict[str, float]) -> str:
