@@ -331,6 +331,37 @@ def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_
     click.echo(f"Demo finished in {result.seconds:.0f} s. Leaderboard, grid.png and plot.png are in {result.out}/")
 
 
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="kps-bench-validity", show_default=True,
+              help="Folder for adapters/, runs/, validity.json, validity.md/.csv, adapters.csv, scatter.png and "
+                   "summary.md. A second run reuses every finished adapter and run.")
+@click.option("--study", default="shapes-world", show_default=True,
+              help="Validity study: a name (looked up in $KPS_BENCH_STUDIES, ./studies and the shipped studies) or "
+                   "the path to a study YAML file (protocol, protocol_overrides, variants).")
+@click.option("--protocol", "protocol_name", help="Protocol to use instead of the study's.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a protocol field after the study's protocol_overrides (repeatable).")
+@click.option("--subject", "subjects", multiple=True, help="Train and evaluate only this subject (repeatable; "
+              "default: the protocol's evaluation subjects).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+@click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Bootstrap resamples of the adapters.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def validate(out, study, protocol_name, sets, subjects, device, cache_dir, resamples, seed):
+    """The metric-validity study: train the study's adapter variants on the shapes world, run the protocol on each
+    and on the base model, and rank-correlate every metric with the probe's ground truth."""
+    from .validity import ValidityOptions, run_validity
+
+    result = run_validity(ValidityOptions(out=Path(out), study=study, protocol=protocol_name,
+                                          protocol_overrides=tuple(sets), subjects=tuple(subjects), device=device,
+                                          cache_dir=Path(cache_dir) if cache_dir else None, resamples=resamples,
+                                          seed=seed))
+    click.echo(result.summary)
+    click.echo(f"Wrote validity.json, validity.md, validity.csv, adapters.csv, scatter.png and summary.md to "
+               f"{result.out}/")
+
+
 def _register_subcommands():
     """The world and trainer command groups live with their packages."""
     from .train.cli import train_baseline

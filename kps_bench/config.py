@@ -44,11 +44,14 @@ PROTOCOLS = Kind("protocol", "KPS_BENCH_PROTOCOLS", "protocols", "kps_bench.prot
                  "fields (name, version, base_model, ...)")
 RECIPES = Kind("recipe", "KPS_BENCH_BASELINES", "baselines", "kps_bench.baselines",
                "hyperparameters (method, steps, learning_rate, ...)")
+STUDIES = Kind("validity study", "KPS_BENCH_STUDIES", "studies", "kps_bench.studies",
+               "fields (protocol, protocol_overrides, variants)")
 
 
 def shipped_dir(package: str) -> Path:
-    """The folder of files shipped as package data: ``kps_bench.protocols`` (the repository's protocols/) or
-    ``kps_bench.baselines`` (baselines/), located with importlib.resources."""
+    """The folder of files shipped as package data: ``kps_bench.protocols`` (the repository's protocols/),
+    ``kps_bench.baselines`` (baselines/) or ``kps_bench.studies`` (kps_bench/studies/), located with
+    importlib.resources."""
     return Path(str(importlib.resources.files(package)))
 
 

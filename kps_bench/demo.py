@@ -69,29 +69,34 @@ def evaluate_base(opts: DemoOptions, subjects: list[str]) -> Path:
     return run_dir
 
 
-def train_adapter(opts: DemoOptions, method: str, subject: str) -> Path:
-    """``method``'s adapter for ``subject`` (reused when trained; resumed when interrupted)."""
+def train_adapter(opts: DemoOptions, method: str, subject: str, name: str | None = None,
+                  overrides: tuple[str, ...] = ()) -> Path:
+    """``method``'s adapter for ``subject`` in ``adapters/NAME/SUBJECT`` (NAME: the method's, unless ``name`` is
+    given), trained with the demo's recipe overrides and then ``overrides`` (reused when trained; resumed when
+    interrupted)."""
     from .train import train
     from .train.core import partial_dir
 
-    adapter_dir = Path(opts.out) / "adapters" / method / subject
+    name = name or method
+    adapter_dir = Path(opts.out) / "adapters" / name / subject
     if not (adapter_dir / "training.json").is_file():
-        console.rule(f"train {method} for {subject}")
+        console.rule(f"train {name} for {subject}")
         train(method, load_protocol(opts.protocol, opts.protocol_overrides), subject, adapter_dir, device=opts.device,
-              overrides=opts.train_overrides, resume=partial_dir(adapter_dir).exists())
+              overrides=opts.train_overrides + tuple(overrides), resume=partial_dir(adapter_dir).exists())
     return adapter_dir
 
 
-def evaluate_adapter(opts: DemoOptions, method: str, subject: str) -> Path:
-    """The run of ``method``'s adapter for ``subject`` (reused when done for these adapter files)."""
+def evaluate_adapter(opts: DemoOptions, name: str, subject: str) -> Path:
+    """The run ``runs/NAME/SUBJECT`` of the adapter ``adapters/NAME/SUBJECT`` (NAME: a method in the demo) (reused
+    when done for these adapter files)."""
     from .models import resolve_adapter
     from .run import RunOptions, run_benchmark
 
     protocol = load_protocol(opts.protocol, opts.protocol_overrides)
-    adapter_dir = Path(opts.out) / "adapters" / method / subject
-    run_dir = Path(opts.out) / "runs" / method / subject
+    adapter_dir = Path(opts.out) / "adapters" / name / subject
+    run_dir = Path(opts.out) / "runs" / name / subject
     if not _finished_run(run_dir, protocol, resolve_adapter(str(adapter_dir), "auto", False).files):
-        console.rule(f"evaluate {method} for {subject}")
+        console.rule(f"evaluate {name} for {subject}")
         run_benchmark(protocol, RunOptions(out=run_dir, adapter=str(adapter_dir), subjects=(subject,),
                                            device=opts.device, cache_dir=opts.cache_dir))
     return run_dir

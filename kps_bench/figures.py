@@ -1,7 +1,9 @@
-"""Figures for papers: the per-subject contact sheet (``grid``) and the identity-preservation plane (``plot``)."""
+"""Figures for papers: the per-subject contact sheet (``grid``), the identity-preservation plane (``plot``) and the
+validity study's scatter grid (``scatter_grid``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
@@ -145,11 +147,58 @@ def plot(table: Table, out: str | Path) -> Path:
     ax.set_title(f"{f['protocol']} v{f['protocol_version']} (kps_version {f['kps_version']})", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+def _save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure (format from the suffix: png, pdf or svg) to a temporary file, rename it, close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower() or "png"
     if fmt not in ("png", "pdf", "svg"):
-        raise UserError(f"plot --out must end in .png, .pdf or .svg, got '{out.name}'.")
+        raise UserError(f"A figure's file name (plot --out) must end in .png, .pdf or .svg, got '{out.name}'.")
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt)
     plt.close(fig)
     return out
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One scatter panel: ``points`` are (label, x, y)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    points: list[tuple[str, float, float]]
+
+
+def scatter_grid(panels: list[Panel], out: str | Path, title: str, columns: int = 4) -> Path:
+    """A grid of labelled scatter plots (e.g. each metric against its ground truth, one point per adapter; the point
+    labelled ``base`` in red), ``columns`` panels wide, written to ``out`` (.png, .pdf or .svg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise UserError("scatter_grid needs at least one panel.")
+    cols = min(columns, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), dpi=150, squeeze=False)
+    for ax, p in zip(axes.flat, panels):
+        for label, x, y in p.points:
+            base = label == "base"
+            ax.scatter([x], [y], s=14, color="C3" if base else "C0", zorder=3 if base else 2)
+            ax.annotate(label, (x, y), fontsize=4.5, color="0.35", xytext=(2, 2), textcoords="offset points")
+        ax.set_title(p.title, fontsize=8)
+        ax.set_xlabel(p.xlabel, fontsize=7)
+        ax.set_ylabel(p.ylabel, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(color="0.9", lw=0.5, zorder=0)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, out)

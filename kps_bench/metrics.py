@@ -28,6 +28,9 @@ Chance-corrected scores (kps_version 2):
   either is 0 (even when the other is undefined)
 
 A gain is NaN (undefined) where its denominator is at most :data:`MIN_SPAN`.
+
+The metric-validity study (:mod:`kps_bench.validity`) ranks adapters: :func:`spearman` (average ranks for ties) with
+a bootstrap over adapters drawn by :func:`resample_indices`.
 """
 
 from __future__ import annotations
@@ -168,9 +171,7 @@ def resampled_mean(rows: torch.Tensor, seed: int) -> torch.Tensor:
     [resamples]``: replicate ``b`` draws the units with replacement (generator seeded with ``seed``) and averages the
     drawn units' resample ``b``."""
     n, resamples = rows.shape
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randint(0, n, (resamples, n), generator=g)
-    return rows.T.gather(1, pick).mean(1)
+    return rows.T.gather(1, resample_indices(n, resamples, seed)).mean(1)
 
 
 def pooled_sd(groups) -> float:
@@ -235,3 +236,30 @@ def paired_median_difference(a, b, resamples: int, seed: int, confidence: float)
     drawn = per_subject[pick, torch.arange(resamples)[:, None]].reshape(resamples, -1)
     lo, hi = percentile_interval(torch.nanquantile(drawn, 0.5, dim=1), confidence)
     return float(torch.quantile(d, 0.5)), lo, hi
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks along the last dimension, ties given the mean of the ranks they span: ``[..., n] -> [..., n]``
+    float64 (rank = count of smaller values + (count of equal values + 1) / 2)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    smaller = (x[..., None, :] < x[..., :, None]).sum(-1, dtype=torch.float64)
+    equal = (x[..., None, :] == x[..., :, None]).sum(-1, dtype=torch.float64)
+    return smaller + (equal + 1.0) / 2.0
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation along the last dimension: the Pearson correlation of the average ranks,
+    ``[..., n] x [..., n] -> [...]`` float64. NaN where either side is constant (no ranking to compare)."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
+    den = (rx.pow(2).sum(-1) * ry.pow(2).sum(-1)).sqrt()
+    ok = den > 1e-12
+    return torch.where(ok, (rx * ry).sum(-1) / torch.where(ok, den, torch.ones_like(den)),
+                       torch.full_like(den, float("nan")))
+
+
+def resample_indices(n_units: int, resamples: int, seed: int) -> torch.Tensor:
+    """Bootstrap draws ``[resamples, n_units]`` of unit indices (with replacement, generator seeded with ``seed``):
+    statistics computed on the same draws are paired."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_units, (resamples, n_units), generator=g)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from scipy.stats import spearmanr
 
 from kps_bench import metrics as M
 from kps_bench import registry as R
@@ -377,3 +378,37 @@ def test_mean_over_seeds_draws_each_subjects_seeds():
     assert [float((out[1] == v).double().mean()) for v in (0.0, 0.5, 1.0)] == pytest.approx([0.25, 0.5, 0.25],
                                                                                            abs=0.03)
     assert torch.equal(M.resampled_mean(two, 3), M.resampled_mean(two, 3))
+
+
+def test_average_ranks_give_ties_their_mean_rank():
+    assert M.average_ranks(torch.tensor([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert M.average_ranks(torch.tensor([[5.0, 5.0, 5.0]])).tolist() == [[2.0, 2.0, 2.0]]
+
+
+def test_spearman_by_hand():
+    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 60
+    assert M.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])).item() == pytest.approx(0.8)
+    # ties: ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4]; centred products 4.5, squares 4.5 and 5
+    assert M.spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 3, 4])).item() == pytest.approx(
+        4.5 / math.sqrt(4.5 * 5))
+    assert M.spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])).item() == pytest.approx(-1.0)
+    assert math.isnan(M.spearman(torch.tensor([1.0, 1, 1]), torch.tensor([1.0, 2, 3])).item())  # constant: undefined
+    batched = M.spearman(torch.tensor([[1.0, 2, 3, 4], [1.0, 2, 2, 3]]), torch.tensor([[1.0, 3, 2, 4], [1.0, 2, 3, 4]]))
+    assert batched.shape == (2,) and batched[0].item() == pytest.approx(0.8)
+
+
+def test_spearman_matches_scipy_on_rows_with_ties():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (20, 9), generator=g).double()
+    y = torch.randint(0, 5, (20, 9), generator=g).double()
+    ours = M.spearman(x, y)
+    for i in range(20):
+        theirs = spearmanr(x[i].numpy(), y[i].numpy()).statistic
+        assert (math.isnan(theirs) and math.isnan(ours[i])) or ours[i].item() == pytest.approx(theirs, abs=1e-12)
+
+
+def test_resample_indices_are_the_draws_of_resampled_mean():
+    rows = torch.arange(12, dtype=torch.float64).reshape(3, 4)  # 3 units, 4 resamples
+    idx = M.resample_indices(3, 4, seed=7)
+    assert idx.shape == (4, 3) and torch.equal(idx, M.resample_indices(3, 4, seed=7))
+    assert torch.equal(M.resampled_mean(rows, 7), rows.T.gather(1, idx).mean(1))

@@ -32,7 +32,8 @@ def test_the_installed_wheel_runs_trains_and_lists_protocols_outside_the_reposit
     _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", src, "-w", tmp_path / "dist"])
     (wheel,) = (tmp_path / "dist").glob("kps_bench-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder, package in (("protocols", "kps_bench/protocols"), ("baselines", "kps_bench/baselines")):
+    for folder, package in (("protocols", "kps_bench/protocols"), ("baselines", "kps_bench/baselines"),
+                            ("kps_bench/studies", "kps_bench/studies")):
         shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith(package + "/") and n.endswith(".yaml")}
         assert shipped == {p.name for p in (REPO / folder).glob("*.yaml")}  # every file, from its one copy
     assert "kps_bench/world/shapes-world/pipeline/model_index.json" in names
