@@ -72,7 +72,7 @@ def evaluate_base(opts: DemoOptions, subjects: list[str]) -> Path:
 def train_adapter(opts: DemoOptions, method: str, subject: str) -> Path:
     """``method``'s adapter for ``subject`` (reused when trained; resumed when interrupted)."""
     from .train import train
-    from .train.core import partial_dir
+    from .train.output import partial_dir
 
     adapter_dir = Path(opts.out) / "adapters" / method / subject
     if not (adapter_dir / "training.json").is_file():

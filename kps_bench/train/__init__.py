@@ -1,14 +1,19 @@
 """Baseline trainers: ``cat``, ``lora``, ``dreambooth``, ``textual-inversion`` with fixed recipes.
 
 ``train(method, protocol, subject, out)`` trains one adapter for one subject of a protocol and
-writes it (with ``training.json`` and ``train_log.csv``) to ``out``; see :mod:`kps_bench.train.core`.
+writes it (with ``training.json`` and ``train_log.csv``) to ``out``. The modules: ``recipe`` (hyperparameters),
+``data`` (latents, captions, random draws), ``trainer`` (setup -> build -> loop -> save, on accelerate), ``checkpoint``
+(``--resume``), ``output`` (``OUT.partial``, the loss log, training.json), and one per method (``lora``, ``cat``,
+``dreambooth``, ``textual_inversion``: its build, loss and save).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .core import METHODS, Recipe, TrainingInterrupted, TrainResult, load_recipe, make_trainer
+from .output import TrainResult
+from .recipe import METHODS, Recipe, load_recipe
+from .trainer import TrainingInterrupted, make_trainer, run
 
 __all__ = ["METHODS", "Recipe", "TrainResult", "TrainingInterrupted", "load_recipe", "train"]
 
@@ -22,7 +27,7 @@ def train(method: str, protocol, subject: str, out: str | Path, device: str = "a
     from ..errors import stop_when_disk_full
     from ..lock import exclusive, lock_beside
     from ..rundir import check_writable
-    from .core import partial_dir
+    from .output import partial_dir
 
     out = Path(out).expanduser()
     check_writable(out)
@@ -30,4 +35,4 @@ def train(method: str, protocol, subject: str, out: str | Path, device: str = "a
           exclusive(lock_beside(out), f"adapter output '{out}'")):
         trainer = make_trainer(method, protocol, subject, out, device, overrides, resume, stop_after, seed)
         module = importlib.import_module(f".{method.replace('-', '_')}", __name__)
-        return module.train(trainer)
+        return run(trainer, module)

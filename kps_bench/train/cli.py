@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .core import METHODS
+from .recipe import METHODS
 
 
 @click.command("train-baseline")
