@@ -85,6 +85,22 @@ def test_recipe_errors_name_the_field(sets, message):
         load_recipe("lora", None, sets)
 
 
+def test_processes_share_the_recipes_global_batch():
+    """N processes each get an equal share of batch_size x gradient_accumulation_steps: the micro-batch is split when N
+    divides it, else the accumulation steps; a recipe that N divides neither way is refused, naming both fields."""
+    from kps_bench.train.recipe import split_batch
+
+    for (b, a), n, share in [((4, 1), 1, (4, 1)), ((4, 3), 2, (2, 3)), ((1, 4), 2, (1, 2)), ((6, 4), 4, (6, 1)),
+                             ((2, 2), 2, (1, 2))]:
+        recipe = load_recipe("lora", None, [f"batch_size={b}", f"gradient_accumulation_steps={a}"])[0]
+        assert split_batch(recipe, n) == share and share[0] * share[1] * n == recipe.global_batch_size == b * a
+    recipe = load_recipe("lora", None, ["batch_size=3", "gradient_accumulation_steps=3"])[0]
+    with pytest.raises(UserError, match=r"the global batch of batch_size 3 x gradient_accumulation_steps 3 cannot be "
+                                        r"shared by 2 processes: field 'batch_size' or 'gradient_accumulation_steps' "
+                                        r"must be a multiple of 2 \(e.g. --set batch_size=6"):
+        split_batch(recipe, 2)
+
+
 def test_baselines_cover_every_field():
     from kps_bench.train.recipe import METHODS, allowed_fields, recipe_file_layers
 
@@ -151,6 +167,8 @@ def test_cat_with_zero_weight_trains_exactly_lora(tmp_path, protocol):
     assert t["protocol_sha256"] == protocol.sha256 and len(t["recipe_sha256"]) == 64
     assert t["allow_prompt_overlap"] is False and t["captions"] == ["a sks block"]
     assert t["seed"] == t["recipe"]["seed"] and "loss_preserve" in t["final_loss"]["last_step"]
+    assert t["num_processes"] == 1 and t["global_batch_size"] == t["recipe"]["batch_size"] == 1
+    assert t["per_process"] == {"batch_size": 1, "gradient_accumulation_steps": 1}
     assert isinstance(t["duration_s"], float) and 0 <= t["duration_s"] < 600 and t["start_time"] <= t["end_time"]
     assert not partial_dir(c).exists()
 
