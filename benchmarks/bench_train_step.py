@@ -71,15 +71,16 @@ def make_step(variant: str, batch_size: int = 4, seed: int = 0, gradient_checkpo
     from peft import LoraConfig
 
     from kps_bench.train.cat import cat_loss
-    from kps_bench.train.core import Batch, lora_target_modules
+    from kps_bench.train.data import Batch
     from kps_bench.train.lora import mse
+    from kps_bench.train.recipe import Recipe
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config())
     unet.requires_grad_(False)
     base_unet = copy.deepcopy(unet) if variant == "cat_two_unet" else None  # "loads the UNet twice"
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                target_modules=lora_target_modules()))
+                                target_modules=list(Recipe("lora").target_modules)))
     unet.train()
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()

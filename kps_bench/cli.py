@@ -207,7 +207,7 @@ def protocols_validate(path):
     says allow_prompt_overlap: true)."""
     from .protocol import check_local_paths
     from .run import check_reference_folders, reference_images
-    from .train.core import METHODS, load_recipe
+    from .train.recipe import METHODS, load_recipe
 
     p = _protocol(path, ())
     check_local_paths(p)

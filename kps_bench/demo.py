@@ -75,7 +75,7 @@ def train_adapter(opts: DemoOptions, method: str, subject: str, name: str | None
     given), trained with the demo's recipe overrides and then ``overrides`` (reused when trained; resumed when
     interrupted)."""
     from .train import train
-    from .train.core import partial_dir
+    from .train.output import partial_dir
 
     name = name or method
     adapter_dir = Path(opts.out) / "adapters" / name / subject

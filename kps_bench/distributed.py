@@ -126,6 +126,12 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def launch_rank() -> int:
+    """This process's rank, from the launcher's environment (``RANK``; 0 without a launcher), before any process group
+    exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 @contextlib.contextmanager
 def launched() -> Iterator[Ranks]:
     """The ranks of this launch (one process without a launcher), their gloo group set up for the block. Only rank 0

@@ -106,7 +106,7 @@ class Protocol:
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     description: str = ""
     #: Per-method recipe sections read by the trainers (``defaults``, ``lora``, ...); validated by
-    #: :func:`kps_bench.train.core.load_recipe`.
+    #: :func:`kps_bench.train.recipe.load_recipe`.
     training: dict = field(default_factory=dict)
     #: Let training captions equal evaluation prompts (refused otherwise: it leaks the evaluation into training).
     allow_prompt_overlap: bool = False

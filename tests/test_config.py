@@ -12,7 +12,8 @@ from kps_bench.config import PROTOCOLS, RECIPES, apply_sets, coerce, list_files,
 from kps_bench.errors import UserError
 from kps_bench.protocol import load_protocol
 from kps_bench.train import load_recipe
-from kps_bench.train.core import partial_dir, recipe_file_layers
+from kps_bench.train.output import partial_dir
+from kps_bench.train.recipe import recipe_file_layers
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,6 @@
 """Several ranks on one run (torchrun / accelerate launch): the work is dealt in one process's batches, the ranks
-exchange over gloo, and the run folder is bit-identical to a one-process run's."""
+exchange over gloo, and the run folder is bit-identical to a one-process run's. Several ranks on one training: they
+share the recipe's global batch, and a resumed training is bit-identical to an uninterrupted one."""
 
 import errno
 import json
@@ -256,3 +257,83 @@ def test_a_dry_run_on_two_ranks_is_planned_and_printed_by_rank_0(tiny, tiny_prot
     assert [r.returncode for r in bad] == [2, 2]
     assert " ".join(bad[0].stderr.split()).startswith("Error: Unknown subject 'nosuch' in protocol 'tiny'.")
     assert " ".join(bad[1].stderr.split()).startswith("Error: rank 0 of 2 stopped: Unknown subject 'nosuch'")
+
+
+# ----------------------------------------------------------------------------- train-baseline on 2 processes (issue 15)
+
+TRAIN = ["train-baseline", "cat", "--subject", "red-block", "--device", "cpu", "--set", "steps=4", "--set",
+         "resolution=32", "--set", "checkpoint_every=2", "--set", "gradient_checkpointing=false", "--set",
+         "learning_rate=1e-2", "--set", "batch_size=2", "--set", "gradient_accumulation_steps=2"]
+STOP_AFTER_2 = """import sys
+from kps_bench.protocol import load_protocol
+from kps_bench.train import TrainingInterrupted, train
+protocol, out, *sets = sys.argv[1:]
+try:
+    train("cat", load_protocol(protocol), "red-block", out, "cpu", sets, stop_after=2)
+except TrainingInterrupted:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_share_the_global_batch_and_resume_exactly(tiny_protocol, tmp_path):
+    """`torchrun --nproc_per_node 2 -m kps_bench train-baseline` (gloo): the recipe's global batch (batch_size 2 x
+    gradient_accumulation_steps 2) is shared as 1 image x 2 accumulation steps per process and recorded as such. A
+    launch interrupted after its checkpoint at step 2 keeps each process's own generator state, and resumes to the
+    weights and losses of the uninterrupted launch, bit for bit; resuming it with another number of processes is
+    refused."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from kps_bench.cli import main
+    from kps_bench.models import LORA_FILE
+    from kps_bench.train.output import LOG_FILE, TRAINING_JSON, partial_dir
+
+    full = _kps_bench(*TRAIN, "--protocol", tiny_protocol, "--out", tmp_path / "full", launcher=TORCHRUN)
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.count("Trained cat for 'red-block'") == 1  # rank 0 alone reports
+    t = json.loads((tmp_path / "full" / TRAINING_JSON).read_text())
+    assert (t["recipe"]["batch_size"], t["recipe"]["gradient_accumulation_steps"], t["num_processes"]) == (2, 2, 2)
+    assert t["global_batch_size"] == 4 and t["per_process"] == {"batch_size": 1, "gradient_accumulation_steps": 2}
+    assert t["learning_rate_effective"] == 1e-2  # not scaled with the processes
+
+    out = tmp_path / "resumed"
+    script = tmp_path / "stop_after_2.py"
+    script.write_text(STOP_AFTER_2)
+    sets = [a for a in TRAIN[6:] if a != "--set"]
+    stopped = subprocess.run([sys.executable, *TORCHRUN, str(script), str(tiny_protocol), str(out), *sets],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert stopped.returncode == 0, stopped.stderr
+    checkpoint = partial_dir(out) / "checkpoints" / "step-00000002"
+    generators = [torch.load(checkpoint / f"generator_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert not torch.equal(*generators)  # each process saved its own stream
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+
+    one = CliRunner().invoke(main, [str(a) for a in TRAIN + ["--protocol", tiny_protocol, "--out", out, "--resume"]])
+    assert one.exit_code == 2, one.output
+    assert "was made by 2 process(es), and this launch has 1" in " ".join(one.output.split())
+    assert checkpoint.is_dir()
+
+    resumed = _kps_bench(*TRAIN, "--protocol", tiny_protocol, "--out", out, "--resume", launcher=TORCHRUN)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(str(tmp_path / "full" / LORA_FILE)), load_file(str(out / LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda p: [line.rsplit(",", 1)[0] for line in (p / LOG_FILE).read_text().splitlines()]  # noqa: E731
+    assert strip(tmp_path / "full") == strip(out) and len(strip(out)) == 5  # every loss of every step, not the times
+    r = json.loads((out / TRAINING_JSON).read_text())
+    assert r["resumed_from_step"] == 2 and r["final_loss"] == t["final_loss"]
+    assert (r["global_batch_size"], r["per_process"]) == (t["global_batch_size"], t["per_process"])
+
+
+@pytest.mark.slow
+def test_a_global_batch_the_processes_cannot_share_exits_2_on_every_rank(tiny_protocol, tmp_path):
+    """batch_size 3 x gradient_accumulation_steps 1 on 2 processes: every rank says why, exits 2, writes nothing."""
+    out = tmp_path / "lora"
+    ranks = _as_ranks("train-baseline", "lora", *TRAIN[2:], "--set", "batch_size=3", "--set",
+                      "gradient_accumulation_steps=1", "--protocol", tiny_protocol, "--out", out,
+                      cwds=[tmp_path, tmp_path])
+    assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
+    for r in ranks:
+        assert ("Error: recipe: the global batch of batch_size 3 x gradient_accumulation_steps 1 cannot be shared by 2 "
+                "processes") in " ".join(r.stderr.split())
+    assert not out.exists() and not (tmp_path / "lora.partial").exists()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import kps_bench.generate
 from kps_bench.cli import main
-from kps_bench.train.core import Trainer
+from kps_bench.train.checkpoint import Checkpoints
 
 SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_soak.py"
 TRAIN = ["--set", "steps=6", "--set", "resolution=32", "--set", "checkpoint_every=2", "--set",
@@ -122,7 +122,7 @@ def test_train_baseline_stops_on_a_full_disk_and_resumes_identically(tiny_protoc
 
     assert train(tmp_path / "ref").exit_code == 0
     out = small_disk.path / "lora"
-    fill_after(monkeypatch, small_disk, Trainer, "_save_checkpoint", 1)
+    fill_after(monkeypatch, small_disk, Checkpoints, "save", 1)
     r = train(out)
     assert r.exit_code == 2, r.output
     assert f"No space left on device while writing '{out}.partial'" in r.output and "--resume" in r.output

@@ -12,7 +12,8 @@ from kps_bench.errors import UserError
 from kps_bench.generate import Plan
 from kps_bench.protocol import class_image_seed, derive_seed, expand_prompt, load_protocol
 from kps_bench.train import load_recipe, train
-from kps_bench.train.core import METHODS, TRAINING_JSON, partial_dir, recipe_file_layers, training_prompts
+from kps_bench.train.output import TRAINING_JSON, partial_dir
+from kps_bench.train.recipe import METHODS, recipe_file_layers, training_prompts
 
 FAST = ["steps=2", "resolution=32", "checkpoint_every=1", "gradient_checkpointing=false"]
 SHIPPED = ("shapes-world", "dreambench", "dreambench-quick")

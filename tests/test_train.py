@@ -17,7 +17,8 @@ from kps_bench.generate import Plan
 from kps_bench.models import LORA_FILE, TI_FILE
 from kps_bench.protocol import class_image_seed, load_protocol
 from kps_bench.train import TrainingInterrupted, load_recipe, train
-from kps_bench.train.core import CHECKPOINT_FILE, LOG_FILE, TRAINING_JSON, logged_rows, partial_dir
+from kps_bench.train.checkpoint import WEIGHTS_FILE
+from kps_bench.train.output import LOG_FILE, TRAINING_JSON, logged_rows, partial_dir
 
 FAST = ["steps=4", "resolution=32", "checkpoint_every=2", "gradient_checkpointing=false"]
 
@@ -44,7 +45,7 @@ def _tiny_unet_with_lora(tiny_protocol, seed=0):
 
 
 def _batch(seed=0, n=2):
-    from kps_bench.train.core import Batch
+    from kps_bench.train.data import Batch
 
     g = torch.Generator().manual_seed(seed)
     z0, eps = torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
@@ -84,8 +85,24 @@ def test_recipe_errors_name_the_field(sets, message):
         load_recipe("lora", None, sets)
 
 
+def test_processes_share_the_recipes_global_batch():
+    """N processes each get an equal share of batch_size x gradient_accumulation_steps: the micro-batch is split when N
+    divides it, else the accumulation steps; a recipe that N divides neither way is refused, naming both fields."""
+    from kps_bench.train.recipe import split_batch
+
+    for (b, a), n, share in [((4, 1), 1, (4, 1)), ((4, 3), 2, (2, 3)), ((1, 4), 2, (1, 2)), ((6, 4), 4, (6, 1)),
+                             ((2, 2), 2, (1, 2))]:
+        recipe = load_recipe("lora", None, [f"batch_size={b}", f"gradient_accumulation_steps={a}"])[0]
+        assert split_batch(recipe, n) == share and share[0] * share[1] * n == recipe.global_batch_size == b * a
+    recipe = load_recipe("lora", None, ["batch_size=3", "gradient_accumulation_steps=3"])[0]
+    with pytest.raises(UserError, match=r"the global batch of batch_size 3 x gradient_accumulation_steps 3 cannot be "
+                                        r"shared by 2 processes: field 'batch_size' or 'gradient_accumulation_steps' "
+                                        r"must be a multiple of 2 \(e.g. --set batch_size=6"):
+        split_batch(recipe, 2)
+
+
 def test_baselines_cover_every_field():
-    from kps_bench.train.core import METHODS, allowed_fields, recipe_file_layers
+    from kps_bench.train.recipe import METHODS, allowed_fields, recipe_file_layers
 
     for m in METHODS:
         merged = {k: v for _, layer in recipe_file_layers(m) for k, v in layer.items()}
@@ -150,6 +167,8 @@ def test_cat_with_zero_weight_trains_exactly_lora(tmp_path, protocol):
     assert t["protocol_sha256"] == protocol.sha256 and len(t["recipe_sha256"]) == 64
     assert t["allow_prompt_overlap"] is False and t["captions"] == ["a sks block"]
     assert t["seed"] == t["recipe"]["seed"] and "loss_preserve" in t["final_loss"]["last_step"]
+    assert t["num_processes"] == 1 and t["global_batch_size"] == t["recipe"]["batch_size"] == 1
+    assert t["per_process"] == {"batch_size": 1, "gradient_accumulation_steps": 1}
     assert isinstance(t["duration_s"], float) and 0 <= t["duration_s"] < 600 and t["start_time"] <= t["end_time"]
     assert not partial_dir(c).exists()
 
@@ -220,8 +239,8 @@ def test_textual_inversion_leaves_other_rows_untouched(tmp_path, tiny_protocol, 
     out = tmp_path / "ti"
     with pytest.raises(TrainingInterrupted):
         train("textual-inversion", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-1"], stop_after=2)
-    ckpt = next(partial_dir(out).glob(f"checkpoints/step-*/{CHECKPOINT_FILE}"))
-    emb = torch.load(ckpt, weights_only=True)["params"]["text_encoder.token_embedding"]
+    ckpt = next(partial_dir(out).glob(f"checkpoints/step-*/{WEIGHTS_FILE}"))
+    emb = load_file(str(ckpt))["text_encoder.token_embedding"]
     base = CLIPTextModel.from_pretrained(tiny_protocol.parent / "pipeline" / "text_encoder").get_input_embeddings().weight
     tok = CLIPTokenizer.from_pretrained(tiny_protocol.parent / "pipeline" / "tokenizer")
     assert emb.shape[0] == base.shape[0] + 1
@@ -253,12 +272,12 @@ def test_dreambooth_writes_a_pipeline_and_reuses_class_images(tmp_path, protocol
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_caption_dropout_draws_the_empty_prompt(tmp_path, protocol, p):
-    from kps_bench.train.core import make_trainer
+    from kps_bench.train.trainer import make_trainer
 
     trainer = make_trainer("lora", protocol, "red-block", tmp_path / "t", "cpu", FAST + [f"caption_dropout={p}"])
     trainer.setup()
-    caps, n = trainer.captions, len(trainer.captions.templates)
-    idx = [i for _ in range(200) for i in trainer.sample_batch(4).caption_index]
+    caps, n = trainer.data.captions, len(trainer.data.captions.templates)
+    idx = [i for _ in range(200) for i in trainer.data.sample(4).caption_index]
     if p == 0:
         assert len(caps.with_trigger) == n and max(idx) < n
     else:
@@ -444,7 +463,7 @@ def test_divergence_keeps_the_last_good_checkpoint_for_a_resume_with_a_new_recip
                                         r"is kept in .*continue from it with --resume and the new --set"):
         train("lora", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-2"])
     assert not out.exists() and (partial_dir(out) / "diverged.json").is_file()
-    assert next(partial_dir(out).glob(f"checkpoints/step-00000002/{CHECKPOINT_FILE}"))
+    assert next(partial_dir(out).glob(f"checkpoints/step-00000002/{WEIGHTS_FILE}"))
     monkeypatch.setattr(lora, "mse", real)
     res = train("lora", protocol, "red-block", out, "cpu", FAST + ["learning_rate=1e-3"], resume=True)
     assert res.training["resumed_from_step"] == 2 and res.training["recipe"]["learning_rate"] == 1e-3

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 
-from .core import LOG_FILE, Trainer, work_folder
-from .lora import add_lora, caption_embeddings, mse, save_lora
+from .lora import add_lora, caption_embeddings, mse, save
+from .trainer import Trainer, Training
+
+__all__ = ["adapter_disabled", "build", "cat_loss", "save"]  # save: the LoRA file of ``lora``
 
 
 @contextlib.contextmanager
@@ -55,25 +57,18 @@ def cat_loss(model, unet, batch, target, emb_trigger, emb_free, cat_weight: floa
     return total, denoise, preserve
 
 
-def train(trainer: Trainer):
-    # ---- setup: exactly the lora trainer's
-    trainer.setup()
-    with work_folder(trainer):
-        trainer.pipe.vae.to("cpu")
-        emb_trigger, emb_free = caption_embeddings(trainer)
-        unet, params = add_lora(trainer)
-        weight = trainer.recipe.cat_weight
+def build(trainer: Trainer) -> Training:
+    """The LoRA of ``lora``; the loss: denoising on the trigger caption + lambda * preservation on the trigger-free
+    one."""
+    trainer.pipe.vae.to("cpu")
+    emb_trigger, emb_free = caption_embeddings(trainer)
+    unet, params = add_lora(trainer)
+    weight = trainer.recipe.cat_weight
 
-        # ---- loss: denoising on the trigger caption + lambda * preservation on the trigger-free caption
-        def compute_loss(model, batch):
-            idx = batch.caption_index
-            total, denoise, preserve = cat_loss(model, trainer.accelerator.unwrap_model(model), batch,
-                                                trainer.target(batch), emb_trigger[idx], emb_free[idx], weight)
-            return total, {"loss": total.item(), "loss_denoise": denoise.item(), "loss_preserve": preserve.item()}
+    def loss(model, batch):
+        idx = batch.caption_index
+        total, denoise, preserve = cat_loss(model, trainer.accelerator.unwrap_model(model), batch,
+                                            trainer.data.target(batch), emb_trigger[idx], emb_free[idx], weight)
+        return total, {"loss": total.item(), "loss_denoise": denoise.item(), "loss_preserve": preserve.item()}
 
-        # ---- loop
-        trainer.fit(params, unet, compute_loss)
-
-        # ---- save: the same LoRA format as ``lora``
-        files = save_lora(trainer, unet)
-        return trainer.finish(files + [LOG_FILE])
+    return Training(params, unet, loss)

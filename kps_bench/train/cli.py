@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .core import METHODS
+from .recipe import METHODS
 
 
 @click.command("train-baseline")
@@ -30,6 +30,7 @@ def train_baseline(method, protocol_name, subject, out, seed, resume, device, se
     `training.defaults` and `training.METHOD` sections, then --set, then --seed. Evaluate the result with
     `kps-bench run --adapter OUT`.
     """
+    from ..distributed import launch_rank
     from ..protocol import load_protocol
     from . import train
 
@@ -37,6 +38,8 @@ def train_baseline(method, protocol_name, subject, out, seed, resume, device, se
     suffix = "" if seed is None else f"-seed{seed}"
     out = Path(out) if out else Path("adapters") / protocol.name / method / f"{subject}{suffix}"
     result = train(method, protocol, subject, out, device=device, overrides=tuple(sets), resume=resume, seed=seed)
+    if launch_rank():
+        return  # under a launcher, rank 0 reports for every rank
     t = result.training
     losses = ", ".join(f"{k} {v:.4f}" for k, v in t["final_loss"].get("mean_last_10pct", {}).items())
     click.echo(f"Trained {method} for '{subject}' in {t['duration_s']:.1f} s ({t['steps']} steps, seed {t['seed']}; "

@@ -18,7 +18,8 @@ from pathlib import Path
 from ..cache import STALE_TEMPORARY_S, default_cache_dir
 from ..errors import UserError
 from ..rundir import remove_stale_temporaries
-from .core import LOG_FILE, Trainer, load_reference_pixels, to_device, work_folder
+from .data import load_reference_pixels
+from .trainer import Trainer, Training, to_device
 from .lora import mse
 
 
@@ -62,72 +63,69 @@ def class_images(trainer: Trainer) -> tuple[list[Path], str]:
     return [folder / j.filename for j in jobs], prompt
 
 
-def train(trainer: Trainer):
+def build(trainer: Trainer) -> Training:
+    """Class images from the (still untouched) base and their latents, the trainable UNet (and text encoder); the
+    loss: instance loss + prior_loss_weight * class loss, one forward pass for both halves."""
     import torch
 
-    # ---- setup: class images from the (still untouched) base, their latents, the trainable UNet
-    trainer.setup()
     r = trainer.recipe
-    with work_folder(trainer):
-        paths, class_prompt = class_images(trainer)
-        class_latents = trainer.encode_latents(load_reference_pixels(paths, trainer.latents.size * trainer.vae_factor))
-        unet, te = trainer.pipe.unet, trainer.pipe.text_encoder
-        unet.to(trainer.device)
-        unet.requires_grad_(True)
-        unet.train()
-        if r.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        params = {f"unet.{n}": p for n, p in unet.named_parameters()}
-        models = [unet]
+    paths, class_prompt = class_images(trainer)
+    class_latents = trainer.encode_latents(load_reference_pixels(paths, trainer.data.latents.size * trainer.vae_factor))
+    unet, te = trainer.pipe.unet, trainer.pipe.text_encoder
+    unet.to(trainer.device)
+    unet.requires_grad_(True)
+    unet.train()
+    if r.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = {f"unet.{n}": p for n, p in unet.named_parameters()}
+    models = [unet]
+    captions = trainer.data.captions.with_trigger
+    if r.train_text_encoder:
+        te.to(trainer.device)
+        te.requires_grad_(True)
+        te.train()
+        params.update({f"text_encoder.{n}": p for n, p in te.named_parameters()})
+        models.append(te)
+        emb = None
+    else:
+        to_device(te, trainer.device, trainer.weight_dtype)
+        emb = torch.cat([trainer.encode_prompts(captions), trainer.encode_prompts([class_prompt])]).float()
+        te.to("cpu")
+    prompts = captions + [class_prompt]  # the class prompt follows the instance captions
+    class_captions = [0] * len(paths)  # every class image has the class prompt (and no caption draw)
+    n = len(captions)
+
+    def loss(model, batch):
+        m_unet = model[0]
+        cls = trainer.data.sample(cache=class_latents, image_captions=class_captions)
+        idx = list(batch.caption_index) + [n + c for c in cls.caption_index]
         if r.train_text_encoder:
-            te.to(trainer.device)
-            te.requires_grad_(True)
-            te.train()
-            params.update({f"text_encoder.{n}": p for n, p in te.named_parameters()})
-            models.append(te)
-            emb = None
+            states = trainer.encode_prompts([prompts[i] for i in idx], text_encoder=model[1])
         else:
-            to_device(te, trainer.device, trainer.weight_dtype)
-            emb = torch.cat([trainer.encode_prompts(trainer.captions.with_trigger),
-                             trainer.encode_prompts([class_prompt])]).float()
-            te.to("cpu")
-        prompts = trainer.captions.with_trigger + [class_prompt]  # the class prompt follows the instance captions
-        class_captions = [0] * len(paths)  # every class image has the class prompt (and no caption draw)
-        n = len(trainer.captions.with_trigger)
+            states = emb[idx]
+        pred = m_unet(torch.cat([batch.noisy, cls.noisy]), torch.cat([batch.timesteps, cls.timesteps]), states).sample
+        pred_instance, pred_class = pred.chunk(2)
+        instance = mse(pred_instance, trainer.data.target(batch))
+        prior = mse(pred_class, trainer.data.target(cls))
+        loss = instance + r.prior_loss_weight * prior
+        return loss, {"loss": loss.item(), "loss_instance": instance.item(), "loss_prior": prior.item()}
 
-        # ---- loss: instance loss + prior_loss_weight * class loss, one forward pass for both halves
-        def compute_loss(model, batch):
-            m_unet = model[0]
-            cls = trainer.sample_batch(cache=class_latents, image_captions=class_captions)
-            idx = list(batch.caption_index) + [n + c for c in cls.caption_index]
-            if r.train_text_encoder:
-                states = trainer.encode_prompts([prompts[i] for i in idx], text_encoder=model[1])
-            else:
-                states = emb[idx]
-            pred = m_unet(torch.cat([batch.noisy, cls.noisy]), torch.cat([batch.timesteps, cls.timesteps]),
-                          states).sample
-            pred_instance, pred_class = pred.chunk(2)
-            instance = mse(pred_instance, trainer.target(batch))
-            prior = mse(pred_class, trainer.target(cls))
-            loss = instance + r.prior_loss_weight * prior
-            return loss, {"loss": loss.item(), "loss_instance": instance.item(), "loss_prior": prior.item()}
+    return Training(params, models, loss)
 
-        # ---- loop
-        trainer.fit(params, models, compute_loss)
 
-        # ---- save: a complete diffusers pipeline with the fine-tuned weights
-        from diffusers import StableDiffusionPipeline
+def save(trainer: Trainer, training: Training) -> list[str]:
+    """A complete diffusers pipeline with the fine-tuned weights."""
+    from diffusers import StableDiffusionPipeline
 
-        acc = trainer.accelerator
-        pipe = trainer.pipe
-        if acc.is_main_process:
-            out = StableDiffusionPipeline(
-                vae=pipe.vae, text_encoder=acc.unwrap_model(te).to("cpu").eval(), tokenizer=pipe.tokenizer,
-                unet=acc.unwrap_model(unet).to("cpu").eval(), scheduler=pipe.scheduler, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
-            out.save_pretrained(trainer.work, safe_serialization=True)
-        files = sorted(str(p.relative_to(trainer.work)) for p in trainer.work.rglob("*")
-                       if p.is_file() and p.suffix in (".safetensors", ".json", ".txt") and "checkpoints" not in p.parts)
-        if not files:
-            raise UserError("DreamBooth produced no pipeline files.")
-        return trainer.finish(files + [LOG_FILE])
+    acc, pipe = trainer.accelerator, trainer.pipe
+    if acc.is_main_process:
+        out = StableDiffusionPipeline(
+            vae=pipe.vae, text_encoder=acc.unwrap_model(pipe.text_encoder).to("cpu").eval(), tokenizer=pipe.tokenizer,
+            unet=acc.unwrap_model(pipe.unet).to("cpu").eval(), scheduler=pipe.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        out.save_pretrained(trainer.work, safe_serialization=True)
+    files = sorted(str(p.relative_to(trainer.work)) for p in trainer.work.rglob("*")
+                   if p.is_file() and p.suffix in (".safetensors", ".json", ".txt") and "checkpoints" not in p.parts)
+    if not files:
+        raise UserError("DreamBooth produced no pipeline files.")
+    return files

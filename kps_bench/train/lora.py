@@ -1,6 +1,7 @@
 """``lora``: a peft LoRA on the UNet attention projections, trained with the epsilon-prediction loss.
 
-Reads like diffusers' ``train_dreambooth_lora.py`` without prior preservation: setup, loop, save.
+Reads like diffusers' ``train_dreambooth_lora.py`` without prior preservation: :func:`build` (the LoRA and its
+loss), then :func:`save`; the loop is :meth:`~kps_bench.train.trainer.Trainer.fit`.
 The output is ``pytorch_lora_weights.safetensors`` written by diffusers' ``save_lora_weights``, so
 ``pipe.load_lora_weights(OUT)`` loads it with plain diffusers.
 """
@@ -8,7 +9,7 @@ The output is ``pytorch_lora_weights.safetensors`` written by diffusers' ``save_
 from __future__ import annotations
 
 from ..models import LORA_FILE, sort_safetensors_metadata
-from .core import LOG_FILE, Trainer, to_device, work_folder
+from .trainer import Trainer, Training, to_device
 
 ADAPTER = "default"
 
@@ -37,8 +38,8 @@ def add_lora(trainer: Trainer):
 def caption_embeddings(trainer: Trainer):
     """Frozen text-encoder states of every caption, with and without the trigger (computed once)."""
     te = to_device(trainer.pipe.text_encoder, trainer.device, trainer.weight_dtype)
-    with_trigger = trainer.encode_prompts(trainer.captions.with_trigger).float()
-    without = trainer.encode_prompts(trainer.captions.without_trigger).float()
+    with_trigger = trainer.encode_prompts(trainer.data.captions.with_trigger).float()
+    without = trainer.encode_prompts(trainer.data.captions.without_trigger).float()
     te.to("cpu")
     return with_trigger, without
 
@@ -49,12 +50,27 @@ def mse(a, b):
     return F.mse_loss(a.float(), b.float(), reduction="mean")
 
 
-def save_lora(trainer: Trainer, unet) -> list[str]:
+def build(trainer: Trainer) -> Training:
+    """Frozen base, caption embeddings computed once, the LoRA; the loss
+    || eps - eps_{theta+Delta}(z_t, t, tau(y_T)) ||^2."""
+    trainer.pipe.vae.to("cpu")
+    emb_trigger, _ = caption_embeddings(trainer)
+    unet, params = add_lora(trainer)
+
+    def loss(model, batch):
+        pred = model(batch.noisy, batch.timesteps, emb_trigger[batch.caption_index]).sample
+        loss = mse(pred, trainer.data.target(batch))
+        return loss, {"loss": loss.item()}
+
+    return Training(params, unet, loss)
+
+
+def save(trainer: Trainer, training: Training) -> list[str]:
     """diffusers' save_lora_weights -> pytorch_lora_weights.safetensors (with the LoRA config as metadata)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    unet = trainer.accelerator.unwrap_model(unet)
+    unet = trainer.accelerator.unwrap_model(training.model)
     # peft's key names (lora_A / lora_B), which load_lora_weights reads as they are; diffusers'
     # convert_state_dict_to_diffusers renames only attention keys, and a LoRA on convolutions saved
     # through it loads with its convolutions silently dropped
@@ -72,27 +88,3 @@ def save_lora(trainer: Trainer, unet) -> list[str]:
     trainer.extra["lora"] = {"rank": trainer.recipe.rank, "alpha": trainer.recipe.alpha,
                              "target_modules": list(trainer.recipe.target_modules), "tensors": len(layers)}
     return [LORA_FILE]
-
-
-def train(trainer: Trainer):
-    # ---- setup: frozen base, cached latents and caption embeddings, the LoRA
-    trainer.setup()
-    with work_folder(trainer):
-        trainer.pipe.vae.to("cpu")
-        emb_trigger, _ = caption_embeddings(trainer)
-        unet, params = add_lora(trainer)
-
-        # ---- loss: || eps - eps_{theta+Delta}(z_t, t, tau(y_T)) ||^2
-        def compute_loss(model, batch):
-            pred = model(batch.noisy, batch.timesteps, emb_trigger[batch.caption_index]).sample
-            loss = mse(pred, trainer.target(batch))
-            return loss, {"loss": loss.item()}
-
-        # ---- loop
-        trainer.fit(params, unet, compute_loss)
-
-        # ---- save
-        files = save_lora(trainer, unet)
-        return trainer.finish(files + [LOG_FILE])
-
-
