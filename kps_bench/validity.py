@@ -186,7 +186,7 @@ class ValidityResult:
 
 def load_study(name_or_path: str) -> Study:
     """Read and check a study file; every error names the file, the field and what is expected."""
-    from .train.core import METHODS, allowed_fields
+    from .train.recipe import METHODS, allowed_fields
 
     path = find_file(STUDIES, name_or_path)
     raw = read_mapping(path, STUDIES)
@@ -240,7 +240,7 @@ def load_study(name_or_path: str) -> Study:
 def recipe_hashes(study: Study, protocol: Protocol) -> dict[str, str]:
     """Each variant's effective recipe sha256 under ``protocol`` (values checked as ``train-baseline`` does); two
     variants with one recipe would train one adapter twice and count it twice, and are refused."""
-    from .train.core import load_recipe
+    from .train.recipe import load_recipe
 
     hashes: dict[str, str] = {}
     for i, v in enumerate(study.variants):

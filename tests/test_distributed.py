@@ -186,7 +186,8 @@ def test_two_cpu_processes_write_the_run_folder_of_one(tiny, tiny_protocol, tmp_
     assert two.stdout.count("Written to") == 1  # rank 0 alone prints the summary
     a, b = tmp_path / "one", tmp_path / "two"
     names = sorted(p.name for p in (a / "images").iterdir())
-    assert len(names) == 4 + 8 + 8 and names  # references; base and adapter, each on both prompts == sorted(p.name for p in (b / "images").iterdir())
+    # references; base and adapter, each on both prompts
+    assert len(names) == 4 + 8 + 8 and names == sorted(p.name for p in (b / "images").iterdir())
     for name in names:
         assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes(), name
     for name in ("images.jsonl", "embeddings.safetensors"):

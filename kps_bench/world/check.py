@@ -349,7 +349,8 @@ def leakage(world: Path, protocol, out: Path, subjects: tuple[str, ...]) -> dict
 
     from kps_bench.models import apply_adapter, load_pipeline as load, resolve_adapter
     from kps_bench.train import train
-    from kps_bench.train.core import load_recipe, partial_dir
+    from kps_bench.train.output import partial_dir
+    from kps_bench.train.recipe import load_recipe
 
     from .probe import predict
     from .subjects import shows, subject_by_name
