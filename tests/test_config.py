@@ -139,9 +139,10 @@ def test_shipped_cat_is_lora_plus_the_cat_loss():
     assert [Path(w).name for w, _ in layers] == ["lora.yaml", "cat.yaml"]
     assert yaml.safe_load((REPO / "baselines" / "cat.yaml").read_text()) == {"inherit": "lora", "method": "cat",
                                                                              "cat_weight": 1.0}
-    for protocol in (None, load_protocol("shapes-world"), load_protocol("dreambench")):
+    # the shapes world lowers lambda (its round subjects come apart at 1: kps_bench/train/README.md)
+    for protocol, weight in ((None, 1.0), (load_protocol("shapes-world"), 0.05), (load_protocol("dreambench"), 1.0)):
         cat, lora = load_recipe("cat", protocol)[0].to_dict(), load_recipe("lora", protocol)[0].to_dict()
-        assert cat.pop("cat_weight") == 1.0 and cat.pop("method") == "cat" and lora.pop("method") == "lora"
+        assert cat.pop("cat_weight") == weight and cat.pop("method") == "cat" and lora.pop("method") == "lora"
         assert cat == lora
 
 
