@@ -177,6 +177,11 @@ class DinoEncoder:
         return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def loaded(encoders) -> list[tuple[str, object]]:
+    """``[(name, encoder)]`` of a ``(clip, dino)`` pair, leaving out those not loaded (None)."""
+    return [(name, e) for name, e in zip(("clip", "dino"), encoders) if e is not None]
+
+
 def embed_images(paths: Sequence[Path], encode: Callable, hashes: Sequence[str], batch_size: int, progress=None,
                  ranks: Ranks = SINGLE) -> dict:
     """Embed images given by path, each distinct content (sha256) once, ``batch_size`` images per ``encode`` call;

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .distributed import Ranks, launched
+from .encoders import loaded
 from .generate import sample, to_image
 from .protocol import Generation, Protocol
 from .provenance import Timings
@@ -94,7 +95,7 @@ def _plan_run(protocol: Protocol, opts: RunOptions, ranks: Ranks) -> RunPlan:
             new[role], reused[role] = total - made, made
     references = sum(len(reference_images(protocol, s)) for s in setup.subjects)
     images = sum(1 for _ in setup.plan.distinct()) + references
-    encoders = [(name, e) for name, e in zip(("clip", "dino"), setup.encoders) if e is not None]
+    encoders = loaded(setup.encoders)
     batch = max(1, min(setup.batch_size, max(new.values())))
     return RunPlan(new, reused, {name: images for name, _ in encoders},
                    sum(len(protocol.prompts_for(s)) for s in setup.subjects), protocol.generation.steps,

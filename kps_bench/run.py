@@ -15,7 +15,7 @@ from typing import Iterator
 from . import KPS_VERSION, __version__
 from .cache import ImageCache
 from .distributed import SINGLE, Ranks, launched
-from .encoders import ClipEncoder, DinoEncoder, embed_images
+from .encoders import ClipEncoder, DinoEncoder, embed_images, loaded
 from .errors import UserError, stop_when_disk_full
 from .evaluate import check_seeds, compute_results
 from .family import base_family
@@ -146,7 +146,7 @@ def embed_and_score(records: list[ImageRecord], out: Path, protocol: Protocol, e
 
     hashes = ranks.check(hashes_of_existing_images)
     tensors = {}
-    encoders = [(name, e) for name, e in (("clip", clip), ("dino", dino)) if e is not None]
+    encoders = loaded((clip, dino))
     provenance["encoders"] = {name: e.identity for name, e in encoders}
     with timings("encode"):
         for name, encoder in encoders:
