@@ -362,6 +362,31 @@ def validate(out, study, protocol_name, sets, subjects, device, cache_dir, resam
                f"{result.out}/")
 
 
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="kps-bench-tune", show_default=True,
+              help="Folder for adapters/, runs/, tune.json, tune.md and tune.csv. A second run reuses every finished "
+                   "adapter and run.")
+@click.option("--search", default="shapes-world", show_default=True,
+              help="Recipe search: a name (looked up in $KPS_BENCH_SEARCHES, ./searches and the shipped searches) or "
+                   "the path to a search YAML file (protocol, protocol_overrides, select, variants).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a protocol field after the search's protocol_overrides (repeatable).")
+@click.option("--subject", "subjects", multiple=True, help="Search on this development subject only (repeatable; "
+              "default: all of the protocol's development subjects).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+def tune(out, search, sets, subjects, device, cache_dir):
+    """The equal-budget recipe search: train every configuration of the search on the development subjects, run the
+    protocol on each, and choose each method's by the search's metric."""
+    from .tune import TuneOptions, run_tune
+
+    result = run_tune(TuneOptions(out=Path(out), search=search, protocol_overrides=tuple(sets),
+                                  subjects=tuple(subjects), device=device,
+                                  cache_dir=Path(cache_dir) if cache_dir else None))
+    click.echo((result.out / "tune.md").read_text(encoding="utf-8"))
+    click.echo(f"Wrote tune.json, tune.md and tune.csv to {result.out}/")
+
+
 def _register_subcommands():
     """The world and trainer command groups live with their packages."""
     from .train.cli import train_baseline

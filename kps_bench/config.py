@@ -46,11 +46,14 @@ RECIPES = Kind("recipe", "KPS_BENCH_BASELINES", "baselines", "kps_bench.baseline
                "hyperparameters (method, steps, learning_rate, ...)")
 STUDIES = Kind("validity study", "KPS_BENCH_STUDIES", "studies", "kps_bench.studies",
                "fields (protocol, protocol_overrides, variants)")
+SEARCHES = Kind("recipe search", "KPS_BENCH_SEARCHES", "searches", "kps_bench.searches",
+                "fields (protocol, protocol_overrides, select, variants)")
 
 
 def shipped_dir(package: str) -> Path:
     """The folder of files shipped as package data: ``kps_bench.protocols`` (the repository's protocols/),
-    ``kps_bench.baselines`` (baselines/) or ``kps_bench.studies`` (kps_bench/studies/), located with
+    ``kps_bench.baselines`` (baselines/), ``kps_bench.studies`` (kps_bench/studies/) or ``kps_bench.searches``
+    (kps_bench/searches/), located with
     importlib.resources."""
     return Path(str(importlib.resources.files(package)))
 

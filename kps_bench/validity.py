@@ -24,7 +24,6 @@ half-width <= 0.15.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -186,14 +185,24 @@ class ValidityResult:
 
 def load_study(name_or_path: str) -> Study:
     """Read and check a study file; every error names the file, the field and what is expected."""
-    from .train.recipe import METHODS, allowed_fields
-
     path = find_file(STUDIES, name_or_path)
     raw = read_mapping(path, STUDIES)
     where = str(path)
-    unknown = sorted(set(raw) - set(_STUDY_FIELDS))
+    protocol, overrides = protocol_fields(raw, where, _STUDY_FIELDS)
+    raw_variants = raw.get("variants")
+    if not isinstance(raw_variants, list) or len(raw_variants) < 2:
+        got = f"{len(raw_variants)} adapter(s)" if isinstance(raw_variants, list) else repr(raw_variants)
+        raise UserError(f"{where}: field 'variants' must list at least 2 adapters to train (a rank correlation over "
+                        f"them and the base model needs 3 points), got {got}.")
+    return Study(where, hashlib.sha256(path.read_bytes()).hexdigest(), protocol, overrides,
+                 parse_variants(raw_variants, where))
+
+
+def protocol_fields(raw: dict, where: str, allowed: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """``protocol`` and ``protocol_overrides`` of a study or search file ``where`` whose fields must be ``allowed``."""
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise UserError(f"{where}: unknown field '{unknown[0]}'. Allowed fields: {', '.join(_STUDY_FIELDS)}.")
+        raise UserError(f"{where}: unknown field '{unknown[0]}'. Allowed fields: {', '.join(allowed)}.")
     protocol = raw.get("protocol")
     if not isinstance(protocol, str) or not protocol.strip():
         raise UserError(f"{where}: field 'protocol' must be a protocol name or path (e.g. shapes-world), got "
@@ -202,11 +211,14 @@ def load_study(name_or_path: str) -> Study:
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise UserError(f"{where}: field 'protocol_overrides' must be a list of 'dotted.key=value' strings (as "
                         f"--set), e.g. ['generation.images_per_prompt=16'], got {overrides!r}.")
-    raw_variants = raw.get("variants")
-    if not isinstance(raw_variants, list) or len(raw_variants) < 2:
-        got = f"{len(raw_variants)} adapter(s)" if isinstance(raw_variants, list) else repr(raw_variants)
-        raise UserError(f"{where}: field 'variants' must list at least 2 adapters to train (a rank correlation over "
-                        f"them and the base model needs 3 points), got {got}.")
+    return protocol, tuple(overrides)
+
+
+def parse_variants(raw_variants: list, where: str) -> tuple[Variant, ...]:
+    """The ``variants`` list of a study or search file ``where``: each ``{name, method, set}`` checked (a folder
+    name, unique and not ``base``; a known method; recipe fields of that method)."""
+    from .train.recipe import METHODS, allowed_fields
+
     variants, seen = [], set()
     for i, v in enumerate(raw_variants):
         def bad(name: str, what: str) -> UserError:
@@ -234,23 +246,24 @@ def load_study(name_or_path: str) -> Study:
                 raise bad(f"set.{key}", f"is not a recipe field of method '{method}'; expected one of: "
                                         f"{', '.join(fields)}.")
         variants.append(Variant(name, method, tuple(f"{k}={json.dumps(x)}" for k, x in sets.items())))
-    return Study(where, hashlib.sha256(path.read_bytes()).hexdigest(), protocol, tuple(overrides), tuple(variants))
+    return tuple(variants)
 
 
-def recipe_hashes(study: Study, protocol: Protocol) -> dict[str, str]:
-    """Each variant's effective recipe sha256 under ``protocol`` (values checked as ``train-baseline`` does); two
-    variants with one recipe would train one adapter twice and count it twice, and are refused."""
+def recipe_hashes(file: str, variants: tuple[Variant, ...], protocol: Protocol) -> dict[str, str]:
+    """Each variant's (of the study or search ``file``) effective recipe sha256 under ``protocol`` (values checked as
+    ``train-baseline`` does); two variants with one recipe would train one adapter twice and count it twice, and are
+    refused."""
     from .train.recipe import load_recipe
 
     hashes: dict[str, str] = {}
-    for i, v in enumerate(study.variants):
+    for i, v in enumerate(variants):
         try:
             sha = load_recipe(v.method, protocol, v.overrides)[0].sha256
         except UserError as e:
-            raise UserError(f"{study.file}: field 'variants.{i}.set' of variant '{v.name}': {e}") from None
+            raise UserError(f"{file}: field 'variants.{i}.set' of variant '{v.name}': {e}") from None
         twin = next((n for n, h in hashes.items() if h == sha), None)
         if twin is not None:
-            raise UserError(f"{study.file}: field 'variants.{i}': variant '{v.name}' has the effective recipe of "
+            raise UserError(f"{file}: field 'variants.{i}': variant '{v.name}' has the effective recipe of "
                             f"variant '{twin}' (sha256 {sha[:12]}): it would be the same adapter, counted twice. "
                             f"Change its 'set' or drop it.")
         hashes[v.name] = sha
@@ -263,7 +276,7 @@ def recipe_hashes(study: Study, protocol: Protocol) -> dict[str, str]:
 def run_validity(opts: ValidityOptions) -> ValidityResult:
     """Train, run and read every adapter of the study, compute the statistics, and write into ``opts.out``:
     validity.json, validity.md, validity.csv, adapters.csv, scatter.png and summary.md."""
-    from .demo import DemoOptions, evaluate_adapter, evaluate_base, train_adapter
+    from .demo import DemoOptions, evaluate_base
     from .provenance import now_iso
     from .rundir import check_writable
     from .world import is_shapes_world
@@ -279,15 +292,9 @@ def run_validity(opts: ValidityOptions) -> ValidityResult:
                         f"validity study compares metrics with the probe's ground truth, which only a shapes world "
                         f"has. Give a protocol whose base_model is builtin:shapes-world or a world folder.")
     subjects = [protocol.subject(s).name for s in opts.subjects] or [s.name for s in protocol.evaluation_subjects]
-    hashes = recipe_hashes(study, protocol)
     check_writable(opts.out)
-    check_trained(study, hashes, protocol, Path(opts.out), subjects)
+    train_and_evaluate(demo, study.file, study.variants, protocol, subjects)
     base_dir = evaluate_base(demo, subjects)
-    for i, v in enumerate(study.variants):
-        for s in subjects:
-            with _variant_context(study, i, v, s):
-                train_adapter(demo, v.method, s, name=v.name, overrides=v.overrides)
-                evaluate_adapter(demo, v.name, s)
     adapters = [read_adapter(BASE, BASE, (), [base_dir], subjects)]
     adapters += [read_adapter(v.name, v.method, v.overrides, [Path(opts.out) / "runs" / v.name / s for s in subjects],
                               subjects) for v in study.variants]
@@ -298,22 +305,32 @@ def run_validity(opts: ValidityOptions) -> ValidityResult:
     return result
 
 
-@contextlib.contextmanager
-def _variant_context(study: Study, i: int, v: Variant, subject: str):
-    """Name the variant and subject in a user error of its training or run."""
-    try:
-        yield
-    except UserError as e:
-        raise UserError(f"{study.file}: variant '{v.name}' (variants.{i}), subject '{subject}': {e}") from None
+def train_and_evaluate(demo, file: str, variants: tuple[Variant, ...], protocol: Protocol,
+                       subjects: list[str]) -> None:
+    """Train every variant (of the study or search ``file``) on every subject into ``demo.out/adapters/VARIANT/SUBJECT``
+    and run ``protocol`` on it into ``runs/VARIANT/SUBJECT``, with the machinery of ``kps-bench demo`` (``demo``: its
+    DemoOptions): finished adapters and runs are reused, interrupted trainings resume; an adapter folder trained with
+    another recipe or base model is refused first."""
+    from .demo import evaluate_adapter, train_adapter
+
+    check_trained(file, variants, recipe_hashes(file, variants, protocol), protocol, Path(demo.out), subjects)
+    for i, v in enumerate(variants):
+        for s in subjects:
+            try:
+                train_adapter(demo, v.method, s, name=v.name, overrides=v.overrides)
+                evaluate_adapter(demo, v.name, s)
+            except UserError as e:
+                raise UserError(f"{file}: variant '{v.name}' (variants.{i}), subject '{s}': {e}") from None
 
 
-def check_trained(study: Study, hashes: dict[str, str], protocol: Protocol, out: Path, subjects: list[str]) -> None:
-    """Refuse an adapter folder of the study trained with another recipe than its variant now asks for (the study
-    file changed), or on another base model (the world changed): it would be reused silently."""
+def check_trained(file: str, variants: tuple[Variant, ...], hashes: dict[str, str], protocol: Protocol, out: Path,
+                  subjects: list[str]) -> None:
+    """Refuse an adapter folder of a variant trained with another recipe than the variant now asks for (the study or
+    search ``file`` changed), or on another base model (the world changed): it would be reused silently."""
     from .models import model_identity
 
     base = None
-    for i, v in enumerate(study.variants):
+    for i, v in enumerate(variants):
         for s in subjects:
             f = out / "adapters" / v.name / s / "training.json"
             if not f.is_file():
@@ -322,7 +339,7 @@ def check_trained(study: Study, hashes: dict[str, str], protocol: Protocol, out:
             had = training.get("recipe_sha256")
             if had != hashes[v.name]:
                 raise UserError(f"'{f.parent}' was trained with recipe sha256 {str(had)[:12]}, but variant '{v.name}' "
-                                f"(variants.{i} of {study.file}) now asks for {hashes[v.name][:12]}. Delete that "
+                                f"(variants.{i} of {file}) now asks for {hashes[v.name][:12]}. Delete that "
                                 f"folder to retrain it, or give another --out.")
             base = base or model_identity(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"))
             had = (training.get("base_model") or {}).get("sha256")
@@ -346,8 +363,9 @@ def truth_values(gt: dict) -> dict[str, float]:
 
 
 def read_adapter(name: str, method: str, overrides: tuple[str, ...], run_dirs: list[Path],
-                 subjects: list[str]) -> Adapter:
-    """An adapter's values from its runs (one per subject, or the base run of every subject)."""
+                 subjects: list[str], require_truth: bool = True) -> Adapter:
+    """An adapter's values from its runs (one per subject, or the base run of every subject); a run without ground
+    truth is refused, unless not ``require_truth`` (its values then have none)."""
     from .leaderboard import load_run
     from .registry import COLUMNS
 
@@ -357,10 +375,11 @@ def read_adapter(name: str, method: str, overrides: tuple[str, ...], run_dirs: l
         truth = (run.results.get("ground_truth") or {}).get("subjects") or {}
         for s in (s for s in subjects if s in run.results["metrics"]):
             m = run.results["metrics"][s]
-            if s not in truth:
+            if s not in truth and require_truth:
                 raise UserError(f"Run '{d}' has no ground truth for subject '{s}' (results.json 'ground_truth'): "
                                 f"re-run it, or add it with `kps-bench world truth {d}`.")
-            a.subjects[s] = {**{k: float(m[k]["value"]) for k in COLUMNS if k in m}, **truth_values(truth[s])}
+            a.subjects[s] = {**{k: float(m[k]["value"]) for k in COLUMNS if k in m},
+                             **(truth_values(truth[s]) if s in truth else {})}
             if "diversity_ratio" in m:
                 a.half_widths[s] = (m["diversity_ratio"]["ci_high"] - m["diversity_ratio"]["ci_low"]) / 2
             if run.training.get("recipe_sha256"):

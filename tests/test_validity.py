@@ -181,7 +181,8 @@ def test_an_adapter_trained_with_another_recipe_or_base_model_is_not_reused(tmp_
     args = ["validate", "--study", p, "--out", tmp_path / "out", "--subject", subject]
     expect_user_error(cli(*args), str(folder), "recipe sha256 000000000000", "variant 'lora-short'",
                       "Delete that folder")
-    recipe = recipe_hashes(load_study(str(p)), protocol)["lora-short"]
+    study = load_study(str(p))
+    recipe = recipe_hashes(study.file, study.variants, protocol)["lora-short"]
     (folder / "training.json").write_text(json.dumps({"recipe_sha256": recipe, "base_model": {"sha256": "1" * 64}}))
     base = model_identity(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"))["sha256"]
     expect_user_error(cli(*args), str(folder), "base model with sha256 111111111111", f"sha256 {base[:12]}")
@@ -198,7 +199,7 @@ def test_the_shipped_study_spans_what_the_issue_asks():
     assert any("learning_rate" in o for v in study.variants for o in v.overrides)
     assert "generation.images_per_prompt=16" in study.protocol_overrides
     protocol = load_protocol(study.protocol, study.protocol_overrides)
-    assert len(set(recipe_hashes(study, protocol).values())) == len(study.variants)
+    assert len(set(recipe_hashes(study.file, study.variants, protocol).values())) == len(study.variants)
 
 
 # ----------------------------------------------------------------------------- end to end

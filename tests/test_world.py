@@ -189,7 +189,7 @@ def test_subjects_are_base_palette_looks_with_both_splits():
     from kps_bench.world.subjects import SUBJECTS
 
     assert len(SUBJECTS) >= 5 and len({s.class_noun for s in SUBJECTS}) >= 4
-    assert sum(s.split == "evaluation" for s in SUBJECTS) == 3 and sum(s.split == "development" for s in SUBJECTS) == 3
+    assert sum(s.split == "evaluation" for s in SUBJECTS) == 3 and sum(s.split == "development" for s in SUBJECTS) == 4
     assert all(s.colour in BASE_COLOURS and s.pattern_colour in BASE_PATTERN_COLOURS and s.pattern != "plain"
                for s in SUBJECTS)
     prot = load_protocol("shapes-world")

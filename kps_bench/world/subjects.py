@@ -57,6 +57,9 @@ SUBJECTS = [
     # a round development subject: CAT's trigger images lose their shape on round subjects, which the cross and
     # the square did not show (kps_bench/train/README.md)
     Subject("blue-circle", "circle", "dqv", "blue", "checkered", "white", "development"),
+    # a dotted development subject: LoRA draws white dots as stripes (red-triangle), which no striped or
+    # checkered subject showed (kps_bench/train/README.md)
+    Subject("red-square", "square", "hjn", "red", "dotted", "white", "development"),
 ]
 
 
