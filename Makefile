@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo leaderboard clean
 
 $(BIN)/kps-bench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +22,9 @@ test-all: install
 demo: install
 	$(BIN)/kps-bench demo
 
+# The committed leaderboard/shapes-world/: the demo with 3 training seeds per method and subject.
+leaderboard: install
+	$(BIN)/kps-bench demo --seed 0 --seed 1 --seed 2 --out kps-bench-leaderboard
+
 clean:
-	rm -rf $(VENV) .pytest_cache kps-bench-demo
+	rm -rf $(VENV) .pytest_cache kps-bench-demo kps-bench-leaderboard

@@ -259,6 +259,35 @@ def leaderboard(run_dirs, group_by, reference, fmt, out, allow_mixed, allow_part
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--method", required=True, help="The method to compare (e.g. cat).")
+@click.option("--reference", required=True, help="The method it is compared with (e.g. lora).")
+@click.option("--metric", "metrics", multiple=True, help="Metric or ground truth to compare (repeatable; default: "
+              "kps, kps_gain, identity, preservation, diversity_ratio, vendi_ratio and the ground truth of identity, "
+              "knowledge shift and diversity, where the runs have them).")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
+@click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def compare(run_dirs, method, reference, metrics, fmt, out, resamples, seed):
+    """One method against another, paired over (subject, training seed): means, mean difference with its bootstrap
+    CI, and Wilcoxon signed-rank p-values, Holm-corrected over the metrics."""
+    from .compare import compare as run_compare, render
+    from .leaderboard import load_run
+    from .rundir import check_writable, write_text_atomic
+
+    if out:
+        check_writable(out, is_file=True)
+    text = render(run_compare([load_run(d) for d in run_dirs], method, reference, tuple(metrics) or None, resamples,
+                              seed), fmt)
+    if out:
+        write_text_atomic(out, text)
+        click.echo(f"Wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--prompts", type=click.IntRange(min=1), default=3, show_default=True, help="Prompts shown per subject.")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Seeds shown per prompt.")
@@ -317,13 +346,17 @@ def tiny_models(out, force, sdxl):
 @click.option("--jobs", type=int, help="Trainings and evaluations at once, each in a process pinned to one GPU "
               "(CUDA_VISIBLE_DEVICES) or on the CPU. Default: one per visible GPU with CUDA, else 1. Their logs go "
               "to OUT/logs/.")
-def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir, jobs):
+@click.option("--seed", "seeds", multiple=True, type=click.IntRange(min=0), help="Training seed (repeatable): each "
+              "method and subject is trained once per seed, into adapters/METHOD/SUBJECT-seedN, and the leaderboard "
+              "averages over the seeds (with seed_sd). Default: once, with the recipe's seed, into SUBJECT.")
+def demo(out, protocol_name, methods, subjects, sets, train_sets, device, cache_dir, jobs, seeds):
     """Train CAT, LoRA, DreamBooth and textual inversion on the shapes world, evaluate, and write the leaderboard."""
     from .demo import DemoOptions, run_demo
 
     opts = DemoOptions(out=Path(out), protocol=protocol_name, subjects=tuple(subjects), protocol_overrides=tuple(sets),
                        train_overrides=tuple(train_sets), device=device,
-                       cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs)
+                       cache_dir=Path(cache_dir) if cache_dir else None, jobs=jobs,
+                       seeds=tuple(dict.fromkeys(seeds)))
     if methods:
         opts.methods = tuple(methods)
     result = run_demo(opts)

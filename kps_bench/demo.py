@@ -36,6 +36,9 @@ class DemoOptions:
     jobs: int | None = None
     reference: str = "lora"
     resamples: int = 1000
+    #: Training seeds: each (method, subject) is trained once per seed into ``adapters/METHOD/SUBJECT-seedN`` (runs
+    #: likewise), and the leaderboard averages over them. Empty: once, with the recipe's seed, into ``SUBJECT``.
+    seeds: tuple[int, ...] = ()
 
 
 @dataclass
@@ -69,34 +72,41 @@ def evaluate_base(opts: DemoOptions, subjects: list[str]) -> Path:
     return run_dir
 
 
+def folder(subject: str, seed: int | None) -> str:
+    """The folder of a subject's adapter and run under ``adapters/NAME`` and ``runs/NAME``: ``SUBJECT``, or
+    ``SUBJECT-seedN`` for training seed N (as ``train-baseline --seed`` names it)."""
+    return subject if seed is None else f"{subject}-seed{seed}"
+
+
 def train_adapter(opts: DemoOptions, method: str, subject: str, name: str | None = None,
-                  overrides: tuple[str, ...] = ()) -> Path:
+                  overrides: tuple[str, ...] = (), seed: int | None = None) -> Path:
     """``method``'s adapter for ``subject`` in ``adapters/NAME/SUBJECT`` (NAME: the method's, unless ``name`` is
-    given), trained with the demo's recipe overrides and then ``overrides`` (reused when trained; resumed when
-    interrupted)."""
+    given; ``SUBJECT-seedN`` with a ``seed``), trained with the demo's recipe overrides, then ``overrides``, then
+    the seed (reused when trained; resumed when interrupted)."""
     from .train import train
     from .train.output import partial_dir
 
     name = name or method
-    adapter_dir = Path(opts.out) / "adapters" / name / subject
+    adapter_dir = Path(opts.out) / "adapters" / name / folder(subject, seed)
     if not (adapter_dir / "training.json").is_file():
-        console.rule(f"train {name} for {subject}")
+        console.rule(f"train {name} for {subject}" + ("" if seed is None else f" (seed {seed})"))
         train(method, load_protocol(opts.protocol, opts.protocol_overrides), subject, adapter_dir, device=opts.device,
-              overrides=opts.train_overrides + tuple(overrides), resume=partial_dir(adapter_dir).exists())
+              overrides=opts.train_overrides + tuple(overrides) + (() if seed is None else (f"seed={seed}",)),
+              resume=partial_dir(adapter_dir).exists())
     return adapter_dir
 
 
-def evaluate_adapter(opts: DemoOptions, name: str, subject: str) -> Path:
-    """The run ``runs/NAME/SUBJECT`` of the adapter ``adapters/NAME/SUBJECT`` (NAME: a method in the demo) (reused
-    when done for these adapter files)."""
+def evaluate_adapter(opts: DemoOptions, name: str, subject: str, seed: int | None = None) -> Path:
+    """The run ``runs/NAME/SUBJECT`` (``SUBJECT-seedN`` with a ``seed``) of the adapter of the same folder under
+    ``adapters/NAME`` (NAME: a method in the demo) (reused when done for these adapter files)."""
     from .models import resolve_adapter
     from .run import RunOptions, run_benchmark
 
     protocol = load_protocol(opts.protocol, opts.protocol_overrides)
-    adapter_dir = Path(opts.out) / "adapters" / name / subject
-    run_dir = Path(opts.out) / "runs" / name / subject
+    adapter_dir = Path(opts.out) / "adapters" / name / folder(subject, seed)
+    run_dir = Path(opts.out) / "runs" / name / folder(subject, seed)
     if not _finished_run(run_dir, protocol, resolve_adapter(str(adapter_dir), "auto", False).files):
-        console.rule(f"evaluate {name} for {subject}")
+        console.rule(f"evaluate {name} for {subject}" + ("" if seed is None else f" (seed {seed})"))
         run_benchmark(protocol, RunOptions(out=run_dir, adapter=str(adapter_dir), subjects=(subject,),
                                            device=opts.device, cache_dir=opts.cache_dir))
     return run_dir
@@ -108,19 +118,19 @@ def run_jobs(opts: DemoOptions, subjects: list[str], gpus: list[str | None]) -> 
     from .pool import Pool, Task
 
     logs = Path(opts.out) / "logs"
-    pairs = [(m, s) for m in opts.methods for s in subjects]
+    pairs = [(m, s, seed) for m in opts.methods for s in subjects for seed in opts.seeds or (None,)]
     console.print(f"{1 + 2 * len(pairs)} jobs on {len(gpus)} workers "
                   f"({', '.join('CPU' if g is None else f'GPU {g}' for g in gpus)}); logs in {logs}/")
     with Pool(gpus) as pool:
         base = pool.submit(Task("evaluate base", evaluate_base, (opts, subjects), logs / "evaluate-base.log"))
-        trained = [pool.submit(Task(f"train {m} for {s}", train_adapter, (opts, m, s), logs / f"train-{m}-{s}.log"))
-                   for m, s in pairs]
+        trained = [pool.submit(Task(f"train {m} for {folder(s, seed)}", train_adapter, (opts, m, s, None, (), seed),
+                                    logs / f"train-{m}-{folder(s, seed)}.log")) for m, s, seed in pairs]
         base.result()
         evaluated = []
-        for (m, s), training in zip(pairs, trained):
+        for (m, s, seed), training in zip(pairs, trained):
             training.result()
-            evaluated.append(pool.submit(Task(f"evaluate {m} for {s}", evaluate_adapter, (opts, m, s),
-                                              logs / f"evaluate-{m}-{s}.log")))
+            evaluated.append(pool.submit(Task(f"evaluate {m} for {folder(s, seed)}", evaluate_adapter,
+                                              (opts, m, s, seed), logs / f"evaluate-{m}-{folder(s, seed)}.log")))
         for evaluation in evaluated:
             evaluation.result()
 
@@ -142,9 +152,12 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         evaluate_base(opts, subjects)
         for method in opts.methods:
             for subject in subjects:
-                train_adapter(opts, method, subject)
-                evaluate_adapter(opts, method, subject)
-    run_dirs = [out / "runs" / "base"] + [out / "runs" / m / s for m in opts.methods for s in subjects]
+                for seed in opts.seeds or (None,):
+                    train_adapter(opts, method, subject, seed=seed)
+                    evaluate_adapter(opts, method, subject, seed)
+    seeds = opts.seeds or (None,)
+    run_dirs = [out / "runs" / "base"] + [out / "runs" / m / folder(s, seed) for m in opts.methods for s in subjects
+                                          for seed in seeds]
 
     runs = [load_run(d) for d in run_dirs]
     reference = opts.reference if opts.reference in opts.methods else None
@@ -153,6 +166,9 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     write_text_atomic(out / "leaderboard.md", markdown)
     write_text_atomic(out / "leaderboard.csv", render(tables, "csv"))
     write_text_atomic(out / "leaderboard.tex", render(tables, "tex"))
-    grid(runs, out / "grid.png")
+    by_dir = dict(zip(run_dirs, runs))
+    first_seed = [out / "runs" / "base"] + [out / "runs" / m / folder(s, seeds[0]) for m in opts.methods
+                                             for s in subjects]
+    grid([by_dir[d] for d in first_seed], out / "grid.png")  # the first seed's images: one row per method
     plot(tables[0], out / "plot.png")
     return DemoResult(out, markdown, run_dirs, time.perf_counter() - t0)

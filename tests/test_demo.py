@@ -69,3 +69,28 @@ def test_demo_jobs_on_two_workers_make_the_files_of_a_sequential_demo(tiny_proto
                 [l.rsplit(",", 1)[0] for l in (b / f).read_text().splitlines()]
         else:
             assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_demo_training_seeds_are_replicates_of_one_row(tiny_protocol, tmp_path):
+    """`demo --seed 0 --seed 1`: each (method, subject) trained once per seed into SUBJECT-seedN and run there; the
+    leaderboard has one row per method over both seeds; a second demo reuses everything."""
+    opts = DemoOptions(out=tmp_path / "out", protocol=str(tiny_protocol), subjects=("red-block",), methods=("lora",),
+                       device="cpu", cache_dir=tmp_path / "cache", resamples=100, seeds=(0, 1),
+                       train_overrides=("steps=2", "resolution=32", "checkpoint_every=2",
+                                        "gradient_checkpointing=false"))
+    first = run_demo(opts)
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        training = json.loads((out / "adapters" / "lora" / f"red-block-seed{seed}" / "training.json").read_text())
+        assert training["seed"] == seed and training["subject"] == "red-block"
+        assert (out / "runs" / "lora" / f"red-block-seed{seed}" / "results.json").is_file()
+    assert not (out / "adapters" / "lora" / "red-block").exists()
+    lines = first.markdown.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {r[1]: r for r in ([c.strip() for c in l.strip("|").split("|")] for l in lines[2:4])}
+    assert set(rows) == {"base", "lora"} and rows["lora"][header.index("seeds")] == "2"
+    assert float(rows["lora"][header.index("seed_sd(kps)")]) >= 0.0 and rows["base"][header.index("seed_sd(kps)")] == "—"
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    assert len(stamps) == 3
+    assert run_demo(opts).markdown == first.markdown
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
