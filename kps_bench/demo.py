@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
 from .protocol import Protocol, load_protocol
 from .ui import console
 
@@ -50,13 +51,33 @@ class DemoResult:
 
 
 def _finished_run(run_dir: Path, protocol: Protocol, adapter_files: dict | None) -> bool:
-    """A run that already holds results for this protocol and these adapter files (so it is skipped)."""
+    """A run that already holds results for this protocol and these adapter files, and did not fail (so it is
+    skipped)."""
     f = run_dir / "results.json"
     if not f.is_file():
         return False
-    prov = json.loads(f.read_text(encoding="utf-8")).get("provenance", {})
+    results = json.loads(f.read_text(encoding="utf-8"))
+    prov = results.get("provenance", {})
     same_adapter = adapter_files is None or (prov.get("adapter") or {}).get("files") == adapter_files
-    return prov.get("protocol_sha256") == protocol.sha256 and same_adapter
+    return prov.get("protocol_sha256") == protocol.sha256 and same_adapter and results.get("status") != "failed"
+
+
+def check_reusable(adapter_dir: Path, recipe_sha256: str, protocol: Protocol, asked_by: str) -> None:
+    """Refuse to reuse a trained adapter folder whose training.json records another recipe than ``recipe_sha256``
+    (what ``asked_by`` now asks for), or another base model than the protocol's: it would be reused silently."""
+    from .models import model_identity
+
+    training = json.loads((adapter_dir / "training.json").read_text(encoding="utf-8"))
+    had = training.get("recipe_sha256")
+    if had != recipe_sha256:
+        raise UserError(f"'{adapter_dir}' was trained with recipe sha256 {str(had)[:12]}, but {asked_by} now asks for "
+                        f"{recipe_sha256[:12]}. Delete that folder to retrain it, or give another --out.")
+    base = model_identity(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"))
+    had = (training.get("base_model") or {}).get("sha256")
+    if had != base["sha256"]:
+        raise UserError(f"'{adapter_dir}' was trained on a base model with sha256 {str(had)[:12]}, but protocol "
+                        f"'{protocol.name}' now names '{protocol.base_model}' (sha256 {base['sha256'][:12]}). Delete "
+                        f"that folder to retrain it, or give another --out.")
 
 
 def evaluate_base(opts: DemoOptions, subjects: list[str]) -> Path:
@@ -85,13 +106,18 @@ def train_adapter(opts: DemoOptions, method: str, subject: str, name: str | None
     the seed (reused when trained; resumed when interrupted)."""
     from .train import train
     from .train.output import partial_dir
+    from .train.recipe import load_recipe
 
     name = name or method
     adapter_dir = Path(opts.out) / "adapters" / name / folder(subject, seed)
-    if not (adapter_dir / "training.json").is_file():
+    protocol = load_protocol(opts.protocol, opts.protocol_overrides)
+    overrides = opts.train_overrides + tuple(overrides) + (() if seed is None else (f"seed={seed}",))
+    if (adapter_dir / "training.json").is_file():
+        check_reusable(adapter_dir, load_recipe(method, protocol, overrides)[0].sha256, protocol,
+                       f"{method}'s recipe for {subject}")
+    else:
         console.rule(f"train {name} for {subject}" + ("" if seed is None else f" (seed {seed})"))
-        train(method, load_protocol(opts.protocol, opts.protocol_overrides), subject, adapter_dir, device=opts.device,
-              overrides=opts.train_overrides + tuple(overrides) + (() if seed is None else (f"seed={seed}",)),
+        train(method, protocol, subject, adapter_dir, device=opts.device, overrides=overrides,
               resume=partial_dir(adapter_dir).exists())
     return adapter_dir
 

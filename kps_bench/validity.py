@@ -325,28 +325,15 @@ def train_and_evaluate(demo, file: str, variants: tuple[Variant, ...], protocol:
 
 def check_trained(file: str, variants: tuple[Variant, ...], hashes: dict[str, str], protocol: Protocol, out: Path,
                   subjects: list[str]) -> None:
-    """Refuse an adapter folder of a variant trained with another recipe than the variant now asks for (the study or
-    search ``file`` changed), or on another base model (the world changed): it would be reused silently."""
-    from .models import model_identity
+    """Refuse, before any work, an adapter folder of a variant trained with another recipe than the variant now asks
+    for (the study or search ``file`` changed), or on another base model (the world changed)."""
+    from .demo import check_reusable
 
-    base = None
     for i, v in enumerate(variants):
         for s in subjects:
-            f = out / "adapters" / v.name / s / "training.json"
-            if not f.is_file():
-                continue
-            training = json.loads(f.read_text(encoding="utf-8"))
-            had = training.get("recipe_sha256")
-            if had != hashes[v.name]:
-                raise UserError(f"'{f.parent}' was trained with recipe sha256 {str(had)[:12]}, but variant '{v.name}' "
-                                f"(variants.{i} of {file}) now asks for {hashes[v.name][:12]}. Delete that "
-                                f"folder to retrain it, or give another --out.")
-            base = base or model_identity(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"))
-            had = (training.get("base_model") or {}).get("sha256")
-            if had != base["sha256"]:
-                raise UserError(f"'{f.parent}' was trained on a base model with sha256 {str(had)[:12]}, but protocol "
-                                f"'{protocol.name}' now names '{protocol.base_model}' (sha256 {base['sha256'][:12]}). "
-                                f"Delete that folder to retrain it, or give another --out.")
+            folder = out / "adapters" / v.name / s
+            if (folder / "training.json").is_file():
+                check_reusable(folder, hashes[v.name], protocol, f"variant '{v.name}' (variants.{i} of {file})")
 
 
 def truth_values(gt: dict) -> dict[str, float]:

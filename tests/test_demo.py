@@ -94,3 +94,28 @@ def test_demo_training_seeds_are_replicates_of_one_row(tiny_protocol, tmp_path):
     assert len(stamps) == 3
     assert run_demo(opts).markdown == first.markdown
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
+
+
+def test_demo_refuses_an_adapter_of_another_recipe_and_redoes_a_failed_run(tiny_protocol, tmp_path):
+    """A second demo with other recipe overrides must not reuse the first's adapter under the same folder; a run
+    marked failed is run again, not taken as finished."""
+    from kps_bench.errors import UserError
+
+    def opts(steps):
+        return DemoOptions(out=tmp_path / "out", protocol=str(tiny_protocol), subjects=("red-block",),
+                           methods=("lora",), device="cpu", cache_dir=tmp_path / "cache", resamples=50,
+                           train_overrides=(f"steps={steps}", "resolution=32", "checkpoint_every=2",
+                                            "gradient_checkpointing=false"))
+
+    run_demo(opts(2))
+    adapter = tmp_path / "out" / "adapters" / "lora" / "red-block"
+    with pytest.raises(UserError, match="recipe sha256") as e:
+        run_demo(opts(3))
+    assert str(adapter) in str(e.value) and "lora's recipe for red-block" in str(e.value)
+    assert "Delete that folder" in str(e.value)
+    results = tmp_path / "out" / "runs" / "lora" / "red-block" / "results.json"
+    failed = json.loads(results.read_text())
+    failed["status"] = "failed"
+    results.write_text(json.dumps(failed))
+    run_demo(opts(2))
+    assert json.loads(results.read_text()).get("status") != "failed"
