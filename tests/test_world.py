@@ -202,17 +202,10 @@ def _shipped_gates() -> list[dict]:
     return json.loads((WORLD_DIR / "check.json").read_text())["gates"]
 
 
-# Gates the shipped check.json does not meet yet (issue #13): LoRA's trigger images of red-triangle show its
-# white dots in 0.68 / 0.75 / 0.70 of them over training seeds 0-2. Listed so that any other failing gate, or
-# this one passing, fails the test below.
-KNOWN_FAILING = {"adapters: lora trigger images show the signature (mean over training seeds 0, 1, 2; min over "
-                 "evaluation subjects)"}
-
-
 @needs_world
 def test_shipped_check_json_holds_every_gate_and_every_gate_passes():
     """check.json is what `kps-bench world check --adapters` measured on the shipped weights: every gate is
-    there, adapter gates included, and every one passes but those of ``KNOWN_FAILING``."""
+    there, adapter gates included, and every one passes."""
     gates = _shipped_gates()
     names = " ".join(g["gate"] for g in gates)
     for part in ("DINO-slot k-NN (k=20) colour", "DINO-slot k-NN (k=20) pattern", "subject ceiling",
@@ -220,9 +213,7 @@ def test_shipped_check_json_holds_every_gate_and_every_gate_passes():
                  "adapters: dreambooth identity CI", "adapters: cat trigger images show the requested shape",
                  "LoRA x3 steps minus base"):
         assert part in names, part
-    failed = {g["gate"] for g in gates if not g["passed"]}
-    assert failed == KNOWN_FAILING, {"failing, not known": sorted(failed - KNOWN_FAILING),
-                                     "known, now passing": sorted(KNOWN_FAILING - failed)}
+    assert [g["gate"] for g in gates if not g["passed"]] == []
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
