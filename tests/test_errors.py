@@ -13,20 +13,11 @@ from kps_bench.cli import main
 from kps_bench.errors import UserError
 from kps_bench.generate import oom_guard
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from clitools import cli, expect_user_error
 
 
 def run_args(tiny_protocol, out, *extra):
     return ["run", "--protocol", tiny_protocol, "--out", out, "--device", "cpu", *extra]
-
-
-def expect_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in result.output, result.output
 
 
 def test_missing_protocol(tmp_path):

@@ -8,24 +8,13 @@ import math
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
 from kps_bench import registry
-from kps_bench.cli import main
 from kps_bench.protocol import load_protocol
 from kps_bench.tune import choose, load_search
 from kps_bench.validity import Adapter, recipe_hashes
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def expect_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in result.output, result.output
+from clitools import cli, expect_user_error
 
 
 def write_search(tmp_path, variants, select="kps_gain", **extra):

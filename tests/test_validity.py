@@ -8,26 +8,15 @@ import math
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from PIL import Image
 from scipy.stats import spearmanr
 
 from kps_bench import metrics as M
-from kps_bench.cli import main
 from kps_bench.protocol import load_protocol
 from kps_bench.validity import (PRIMARY_TARGET, Adapter, Correlation, analyse, correlate, primary_score,
                                 rho_difference, truth_values)
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def expect_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in result.output, result.output
+from clitools import cli, expect_user_error
 
 
 # ----------------------------------------------------------------------------- statistics
