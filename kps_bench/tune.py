@@ -23,10 +23,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import SEARCHES, find_file, read_mapping
+from .config import SEARCHES
 from .errors import UserError
 from .protocol import Protocol, load_protocol
-from .validity import Adapter, Variant, parse_variants, protocol_fields, read_adapter, train_and_evaluate
+from .validity import Adapter, Variant, parse_variants, read_adapter, read_with_protocol, train_and_evaluate
 
 _SEARCH_FIELDS = ("protocol", "protocol_overrides", "select", "variants")
 #: Ground-truth values shown beside the selection metric when the runs have them (the shapes world).
@@ -85,10 +85,8 @@ def load_search(name_or_path: str) -> Search:
     """Read and check a search file; every error names the file, the field and what is expected."""
     from .registry import COLUMNS
 
-    path = find_file(SEARCHES, name_or_path)
-    raw = read_mapping(path, SEARCHES)
+    path, raw, protocol, overrides = read_with_protocol(SEARCHES, name_or_path, _SEARCH_FIELDS)
     where = str(path)
-    protocol, overrides = protocol_fields(raw, where, _SEARCH_FIELDS)
     select = raw.get("select")
     if select not in COLUMNS:
         raise UserError(f"{where}: field 'select' must name the metric that chooses each method's recipe, one of: "

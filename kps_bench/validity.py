@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import STUDIES, find_file, read_mapping
+from .config import STUDIES, Kind, find_file, read_mapping
 from .errors import UserError
 from .protocol import Protocol, load_protocol
 
@@ -185,10 +185,8 @@ class ValidityResult:
 
 def load_study(name_or_path: str) -> Study:
     """Read and check a study file; every error names the file, the field and what is expected."""
-    path = find_file(STUDIES, name_or_path)
-    raw = read_mapping(path, STUDIES)
+    path, raw, protocol, overrides = read_with_protocol(STUDIES, name_or_path, _STUDY_FIELDS)
     where = str(path)
-    protocol, overrides = protocol_fields(raw, where, _STUDY_FIELDS)
     raw_variants = raw.get("variants")
     if not isinstance(raw_variants, list) or len(raw_variants) < 2:
         got = f"{len(raw_variants)} adapter(s)" if isinstance(raw_variants, list) else repr(raw_variants)
@@ -198,8 +196,13 @@ def load_study(name_or_path: str) -> Study:
                  parse_variants(raw_variants, where))
 
 
-def protocol_fields(raw: dict, where: str, allowed: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
-    """``protocol`` and ``protocol_overrides`` of a study or search file ``where`` whose fields must be ``allowed``."""
+def read_with_protocol(kind: Kind, name_or_path: str, allowed: tuple[str, ...]) -> tuple[Path, dict, str,
+                                                                                       tuple[str, ...]]:
+    """A study or search file (``kind``) read and found, its mapping, whose fields must be ``allowed``, and its checked
+    ``protocol`` and ``protocol_overrides``: ``(path, mapping, protocol, overrides)``."""
+    path = find_file(kind, name_or_path)
+    raw = read_mapping(path, kind)
+    where = str(path)
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise UserError(f"{where}: unknown field '{unknown[0]}'. Allowed fields: {', '.join(allowed)}.")
@@ -211,7 +214,7 @@ def protocol_fields(raw: dict, where: str, allowed: tuple[str, ...]) -> tuple[st
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise UserError(f"{where}: field 'protocol_overrides' must be a list of 'dotted.key=value' strings (as "
                         f"--set), e.g. ['generation.images_per_prompt=16'], got {overrides!r}.")
-    return protocol, tuple(overrides)
+    return path, raw, protocol, tuple(overrides)
 
 
 def parse_variants(raw_variants: list, where: str) -> tuple[Variant, ...]:
