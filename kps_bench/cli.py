@@ -277,8 +277,8 @@ def compare(run_dirs, method, reference, metrics, fmt, out, resamples, seed):
 
     if out:
         check_writable(out, is_file=True)
-    text = render(run_compare([load_run(d) for d in run_dirs], method, reference, tuple(metrics) or None, resamples,
-                              seed), fmt)
+    runs = [load_run(d, with_stats=False) for d in run_dirs]  # per-subject values only
+    text = render(run_compare(runs, method, reference, tuple(metrics) or None, resamples, seed), fmt)
     if out:
         write_text_atomic(out, text)
         click.echo(f"Wrote {out}")

@@ -11,6 +11,7 @@ sequential demo, whose files they make.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -62,21 +63,27 @@ def _finished_run(run_dir: Path, protocol: Protocol, adapter_files: dict | None)
     return prov.get("protocol_sha256") == protocol.sha256 and same_adapter and results.get("status") != "failed"
 
 
+@functools.lru_cache(maxsize=8)
+def _base_sha256(spec: str, resolved: str) -> str | None:
+    """The base model's identity hash, computed once per process (a local folder's weights are hashed)."""
+    from .models import model_identity
+
+    return model_identity(spec, resolved).get("sha256")
+
+
 def check_reusable(adapter_dir: Path, recipe_sha256: str, protocol: Protocol, asked_by: str) -> None:
     """Refuse to reuse a trained adapter folder whose training.json records another recipe than ``recipe_sha256``
     (what ``asked_by`` now asks for), or another base model than the protocol's: it would be reused silently."""
-    from .models import model_identity
-
     training = json.loads((adapter_dir / "training.json").read_text(encoding="utf-8"))
     had = training.get("recipe_sha256")
     if had != recipe_sha256:
         raise UserError(f"'{adapter_dir}' was trained with recipe sha256 {str(had)[:12]}, but {asked_by} now asks for "
                         f"{recipe_sha256[:12]}. Delete that folder to retrain it, or give another --out.")
-    base = model_identity(protocol.base_model, protocol.resolve(protocol.base_model, "pipeline"))
+    base = _base_sha256(protocol.base_model, str(protocol.resolve(protocol.base_model, "pipeline")))
     had = (training.get("base_model") or {}).get("sha256")
-    if had != base["sha256"]:
+    if had != base:
         raise UserError(f"'{adapter_dir}' was trained on a base model with sha256 {str(had)[:12]}, but protocol "
-                        f"'{protocol.name}' now names '{protocol.base_model}' (sha256 {base['sha256'][:12]}). Delete "
+                        f"'{protocol.name}' now names '{protocol.base_model}' (sha256 {str(base)[:12]}). Delete "
                         f"that folder to retrain it, or give another --out.")
 
 

@@ -85,7 +85,9 @@ def method_name(results: dict) -> str:
     return "base" if kind == "none" else kind
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, with_stats: bool = True) -> Run:
+    """A run directory, checked; ``with_stats``: also its images and embeddings, read into per-prompt statistics (what
+    bootstrap intervals and paired prompt tests need; per-subject values alone need only results.json)."""
     path = Path(path)
     f = path / "results.json"
     if not f.is_file():
@@ -100,10 +102,12 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"Run '{path}' is marked as failed ({results.get('failure', 'see its results.json')}); fix "
                         f"and re-run it, or leave it out of the leaderboard.")
     check_run_files(path, results)
-    records = read_manifest(path / "images.jsonl")
-    emb = load_embeddings(path / "embeddings.safetensors")
-    names = reported(results["provenance"]["protocol"]["metrics"])
-    stats = {s: subject_stats(records, emb, s, names) for s in results["metrics"]}
+    records, stats = [], {}
+    if with_stats:
+        records = read_manifest(path / "images.jsonl")
+        emb = load_embeddings(path / "embeddings.safetensors")
+        names = reported(results["provenance"]["protocol"]["metrics"])
+        stats = {s: subject_stats(records, emb, s, names) for s in results["metrics"]}
     gt = {s: {m.name: d[m.truth] for m in GROUND_TRUTH if isinstance(d.get(m.truth), (int, float))}
           for s, d in ((results.get("ground_truth") or {}).get("subjects") or {}).items()}
     return Run(path, method_name(results), results, stats, gt, records)
