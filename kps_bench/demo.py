@@ -3,7 +3,9 @@
 Trains every method for every subject with the protocol's recipes, runs the protocol on each
 adapter (and once without adapter, as the base row), adds the shapes world's ground truth, and
 writes the leaderboard (Markdown, CSV), the grid and the plot. Every step is cached in ``--out``:
-a finished adapter or run is reused, an interrupted training resumes. With several jobs (``--jobs``; on GPUs one per
+a finished adapter or run is reused, an interrupted training resumes. Beside the leaderboard it writes the subject x
+method table of kps (``by-subject.md``) and, where it trained both, CAT against LoRA paired over (subject, training
+seed) (``claims.md``: the paper's two claims, see :mod:`kps_bench.compare`). With several jobs (``--jobs``; on GPUs one per
 visible GPU by default), the trainings and evaluations run at once in worker processes
 (:mod:`kps_bench.pool`), each (method, subject) evaluated once its adapter and the base run are done, as in a
 sequential demo, whose files they make.
@@ -169,6 +171,7 @@ def run_jobs(opts: DemoOptions, subjects: list[str], gpus: list[str | None]) -> 
 
 
 def run_demo(opts: DemoOptions) -> DemoResult:
+    from . import compare
     from .figures import grid, plot
     from .leaderboard import build_tables, load_run, render
     from .pool import worker_gpus
@@ -199,6 +202,10 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     write_text_atomic(out / "leaderboard.md", markdown)
     write_text_atomic(out / "leaderboard.csv", render(tables, "csv"))
     write_text_atomic(out / "leaderboard.tex", render(tables, "tex"))
+    write_text_atomic(out / "by-subject.md", render(build_tables(runs, "subject", resamples=opts.resamples), "md"))
+    if {"cat", "lora"} <= set(opts.methods):
+        write_text_atomic(out / "claims.md", compare.render(compare.compare(runs, "cat", "lora",
+                                                                           resamples=opts.resamples)))
     by_dir = dict(zip(run_dirs, runs))
     first_seed = [out / "runs" / "base"] + [out / "runs" / m / folder(s, seeds[0]) for m in opts.methods
                                              for s in subjects]

@@ -16,6 +16,17 @@ def test_demo_reduced_end_to_end_and_cached(tmp_path):
     first = run_demo(opts)
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.tex", "grid.png", "plot.png"):
         assert (tmp_path / name).is_file()
+    def cells(line):
+        return [c.strip() for c in line.strip("| ").split("|")]
+
+    by_subject = (tmp_path / "by-subject.md").read_text().splitlines()
+    assert cells(by_subject[0]) == ["subject", "base", "cat", "lora"]
+    assert [cells(l)[0] for l in by_subject[2:4]] == ["purple-circle", "mean over subjects"]
+    claims = (tmp_path / "claims.md").read_text().splitlines()
+    assert claims[0].startswith("| metric | cat | lora | Δ (cat − lora)")
+    rows = {cells(l)[0]: cells(l) for l in claims[2:] if l.startswith("| ")}
+    assert {"kps", "diversity_ratio", "gt_diversity_ratio"} <= rows.keys()
+    assert all(r[4] == "1" for r in rows.values())  # one pair: one subject, one training seed
     lines = first.markdown.splitlines()
     assert lines[0].startswith("| rank | method | kps |")
     assert {l.split(" | ")[1] for l in lines[2:5]} == {"base", "cat", "lora"}
