@@ -5,12 +5,13 @@ import json
 import math
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from kps_bench.cli import main
 from kps_bench.models import SpeedFlags
-from kps_bench.plan import Calibration, RunPlan, plan_run
+from kps_bench.plan import Calibration, RunPlan, plan_run, split_call
 from kps_bench.protocol import load_protocol
 from kps_bench.run import RunOptions, run_benchmark
 
@@ -37,6 +38,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tiny_protocol, tmp_pat
                  "clip text encoder: 2 prompts", "estimated time: "):
         assert line in r.output
     assert listing(tmp_path) == before and not (tmp_path / "ti").exists()
+
+
+def test_a_call_is_split_into_its_fixed_cost_and_its_steps_even_when_timing_noise_inverts_them():
+    assert split_call(1.0, 1.4) == pytest.approx((0.6, 0.2))
+    assert split_call(1.0, 1.0) == (0.0, 0.25)  # no measurable step cost: all of the 4-step call counts as steps
+    assert split_call(1.0, 0.9) == (0.0, 0.225)  # the 4-step call came out faster (a busy machine)
+    assert split_call(0.2, 1.0) == (0.0, 0.4)  # never a negative fixed cost
 
 
 def test_the_estimate_is_the_calibration_times_the_work(tiny, tiny_protocol, tmp_path):
