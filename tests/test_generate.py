@@ -154,6 +154,23 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_writes_get_the_mode_of_a_plain_open_not_mkstemps_0600(tmp_path):
+    """Results on a shared cluster must be readable by co-authors: the umask decides, as for open()."""
+    import os
+
+    from kps_bench.rundir import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "results.json", "{}")
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_nan_and_black_images_are_flagged(tmp_path):
     from kps_bench.generate import save_png
 
