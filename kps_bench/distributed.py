@@ -156,4 +156,7 @@ def launched() -> Iterator[Ranks]:
     finally:
         console.quiet = quiet
         if own:
+            # every rank leaves together: a rank that tears its gloo group down while another still holds its
+            # connections can abort the other at exit ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
