@@ -33,12 +33,13 @@ def tiny_tokenizer(folder: Path):
 
 
 def tiny_vae():
-    """A 2-level ``AutoencoderKL``: 4 latent channels at half the image size."""
+    """A 4-level ``AutoencoderKL``: 4 latent channels at an eighth of the image size, as Stable Diffusion's VAE (so
+    the UNet's token counts, and a plan's timings, grow with the resolution as a real model's do)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32)
 
 
 def tiny_scheduler():
@@ -67,7 +68,7 @@ def build_pipeline(out: Path, seed: int = 0) -> Path:
     tokenizer = tiny_tokenizer(out / "_tokenizer")
     text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer), HIDDEN))
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=32)
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -95,7 +96,7 @@ def build_sdxl_pipeline(out: Path, seed: int = 0) -> Path:
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder_config(len(tokenizer), HIDDEN_2))
     time_dim = 8  # SDXL embeds 6 numbers (original size, crop corner, target size) at this size each
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=HIDDEN + HIDDEN_2, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,

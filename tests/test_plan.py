@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from kps_bench.cli import main
-from kps_bench.models import SpeedFlags
+from kps_bench.models import SpeedFlags, load_pipeline
 from kps_bench.plan import Calibration, RunPlan, plan_run, split_call
 from kps_bench.protocol import load_protocol
 from kps_bench.run import RunOptions, run_benchmark
@@ -38,6 +39,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tiny_protocol, tmp_pat
                  "clip text encoder: 2 prompts", "estimated time: "):
         assert line in r.output
     assert listing(tmp_path) == before and not (tmp_path / "ti").exists()
+
+
+def test_the_tiny_pipeline_has_stable_diffusions_latent_grid(tiny):
+    # an eighth of the image size, as SD's VAE: the UNet's tokens, and so a plan's calibration, grow with the
+    # resolution as a real model's do (a 2x VAE made a 512 px calibration 64x the attention of SD's)
+    pipe = load_pipeline("pipeline", str(tiny / "pipeline"), "cpu", "float32", "ddim").pipe
+    assert pipe.vae_scale_factor == 8
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)
 
 
 def test_a_call_is_split_into_its_fixed_cost_and_its_steps_even_when_timing_noise_inverts_them():
