@@ -134,6 +134,27 @@ def test_train_baseline_stops_on_a_full_disk_and_resumes_identically(tiny_protoc
     assert soak_module().compare_trainings(tmp_path / "ref", out) == []
 
 
+def test_the_soak_watches_its_reference_run_again_when_the_poll_missed_an_event(tmp_path, monkeypatch):
+    soak = soak_module()
+    out, cache = tmp_path / "run-ref", tmp_path / "cache"
+    monkeypatch.setenv("KPS_BENCH_CACHE", str(cache))
+    seen = []
+
+    def watch_run(tiny, folder):  # a missed event leaves a finished run folder and cache behind
+        seen.append((folder.exists(), cache.exists()))
+        folder.mkdir()
+        cache.mkdir()
+        return {"images": 16} if len(seen) == 3 else None
+
+    monkeypatch.setattr(soak, "watch_run", watch_run)
+    assert soak.reference_run(tmp_path, out) == {"images": 16}
+    assert seen == [(False, False)] * 3  # each attempt from scratch
+    shutil.rmtree(out)
+    shutil.rmtree(cache)
+    with pytest.raises(SystemExit, match="too fast to watch in 2 attempts"):
+        soak.reference_run(tmp_path, out, attempts=2)
+
+
 @pytest.mark.slow
 def test_kill_soak_short(tiny, tmp_path):
     r = subprocess.run([sys.executable, str(SOAK), "--runs", "3", "--trains", "2", "--methods", "lora", "--tiny",
