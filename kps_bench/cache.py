@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from .generate import Job, is_cached
-from .rundir import check_writable, remove_stale_temporaries, temporary_prefix
+from .rundir import check_writable, remove_stale_temporaries, temporary_path
 
 ENV = "KPS_BENCH_CACHE"
 #: A cache temporary older than this (seconds since it was created or linked) was left by a killed writer.
@@ -34,7 +33,7 @@ def default_cache_dir() -> Path:
 def link_or_copy(src: Path, dest: Path) -> None:
     """Put ``src``'s bytes at ``dest`` atomically: a hard link when the file system allows it, else a copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{temporary_prefix(dest)}{uuid.uuid4().hex}.tmp")
+    tmp = temporary_path(dest)
     try:
         try:
             os.link(src, tmp)

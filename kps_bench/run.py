@@ -26,7 +26,7 @@ from .models import (AdapterInfo, LoadedModel, SpeedFlags, apply_adapter, check_
 from .protocol import Protocol, Subject
 from .registry import encoders_needed
 from .provenance import Timings, device_info, git_commit, now_iso, package_versions
-from .rundir import (RESULTS, ImageRecord, check_run_files, check_writable, load_embeddings, read_manifest,
+from .rundir import (RESULTS, ImageRecord, atomic_path, check_run_files, check_writable, load_embeddings, read_manifest,
                      readable_image, remove_stale_temporaries, resolve_image_path, sha256_file, write_run)
 from .ui import console, progress
 from .world import is_shapes_world
@@ -103,10 +103,8 @@ def reference_records(protocol: Protocol, subject: Subject, run_dir: Path) -> li
         sha = sha256_file(p)
         dest = run_dir / "images" / f"ref-{sha[:32]}{p.suffix.lower()}"
         if not dest.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(p, tmp)
         rows.append(ImageRecord(id=f"{subject.name}:reference:{p.stem}", path=os.path.relpath(dest, run_dir),
                                 role="reference", subject=subject.name, sha256=sha))
     return rows

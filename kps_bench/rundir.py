@@ -23,6 +23,7 @@ import re
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -85,33 +86,26 @@ def _writer_is_dead(name: str) -> bool:
     return False
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux's /proc), else by setting and restoring it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def temporary_path(path: Path) -> Path:
+    """A new name next to ``path`` for a temporary that becomes it: ``.NAME.w<pid>@<host>.<uuid>.tmp<suffix>`` (the
+    writer tagged, the suffix kept for writers that read the format from it)."""
+    return path.with_name(f"{temporary_prefix(path)}{uuid.uuid4().hex}.tmp{path.suffix}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a :func:`temporary_path` of ``path``; rename it onto ``path`` only if the block succeeds. The temporary
+    is created empty with the mode a plain open() gives (0666 less the umask, not mkstemp's 0600), so that co-authors
+    on a shared cluster can read the results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = temporary_path(path)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it the mode open() would have
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def check_writable(path: str | os.PathLike, flag: str = "--out", is_file: bool = False) -> None:
